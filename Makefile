@@ -1,0 +1,39 @@
+# One command each on a fresh Linux machine with Python 3.11:
+#   make reproduce   set up .venv and run the embedded default to results/report/table1.csv
+#   make test        set up .venv and run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+CORES  ?= all
+BIN    := $(VENV)/bin
+# Offline machines: a mirror folder of the external data (see resources/external.yaml).
+# Defaults to ../shared/data when that folder exists next to the repository.
+OCTASTEM_MIRROR ?= $(abspath $(wildcard ../shared/data))
+export OCTASTEM_MIRROR
+
+.PHONY: env reproduce report paper-dryrun test lint clean
+
+$(BIN)/octastem: envs/requirements.txt envs/constraints.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r envs/requirements.txt -c envs/constraints.txt
+	$(BIN)/pip install --quiet --no-deps -e .
+	touch $@
+
+env: $(BIN)/octastem
+
+reproduce: env
+	$(BIN)/snakemake --cores $(CORES)
+	$(BIN)/snakemake --cores $(CORES) --report results/report/report.html
+
+paper-dryrun: env
+	$(BIN)/snakemake -n --configfile config/paper.yaml --profile profiles/slurm
+
+lint: env
+	$(BIN)/ruff check src tests benchmarks workflow/scripts
+	$(BIN)/snakemake --lint
+
+test: env
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf results/* .snakemake logs

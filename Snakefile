@@ -1,0 +1,31 @@
+# octastem: the octahedral network of FAPbBr3 from low-dose 4D-STEM and MACE molecular dynamics.
+# One command regenerates the study's Table 1:  snakemake --cores 2   (see README.md).
+
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+validate(config, "config/schema.yaml", set_default=True)
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/structure.smk"
+include: "workflow/rules/md.smk"
+include: "workflow/rules/potential.smk"
+include: "workflow/rules/stem.smk"
+include: "workflow/rules/fit.smk"
+include: "workflow/rules/report.smk"
+
+
+rule all:
+    default_target: True
+    input:
+        "results/report/table1.csv",
+        "results/report/table1.md",
+        "results/report/table1.html",
+        "results/report/figures/table1.png",
+        expand("results/report/figures/{name}.png", name=fit_names()),

@@ -1,0 +1,245 @@
+"""NPT molecular dynamics with an ASE calculator, written as a resumable HDF5 trajectory.
+
+Integrator: ASE's :class:`~ase.md.langevinbaoab.LangevinBAOAB` -- Langevin thermostat on the
+particles and Langevin-Hoover barostat on the fully flexible cell (anisotropic), the protocol of
+the study (300 K, 0.1 MPa, thermostat ~100 fs, barostat ~1 ps, 0.5 fs step).
+
+Trajectory file (HDF5, one frame per ``frame_interval_fs``): ``numbers`` (N,), ``time_fs`` (F,),
+``positions`` (F, N, 3) A, ``cell`` (F, 3, 3) A, ``energy_eV`` (F,), ``temperature_K`` (F,),
+``stress_eV_per_A3`` (F, 6); run settings as attributes. While running, frames go to
+``<output>.partial`` together with a ``checkpoint`` group (full-precision positions, momenta,
+cell, barostat momentum, random-generator state) written every ``checkpoint_every`` frames.
+Re-running after a crash resumes from the last checkpoint and produces the same frames as an
+uninterrupted run; the finished file is renamed into place only at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import h5py
+import numpy as np
+from ase import Atoms, units
+from ase.md.langevinbaoab import LangevinBAOAB
+from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+
+from .io import InputError, provenance
+
+#: Settings that must match for a partial trajectory to be resumed.
+_RESUME_KEYS = ("temperature_K", "pressure_MPa", "timestep_fs", "frame_interval_fs", "T_tau_fs", "P_tau_fs", "seed")
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + ".partial")
+
+
+def _create(path: Path, atoms: Atoms, settings: dict) -> None:
+    n = len(atoms)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("numbers", data=atoms.numbers)
+        f.create_dataset("time_fs", shape=(0,), maxshape=(None,), dtype="f8", chunks=(256,))
+        f.create_dataset("positions", shape=(0, n, 3), maxshape=(None, n, 3), dtype="f4", chunks=(8, n, 3))
+        f.create_dataset("cell", shape=(0, 3, 3), maxshape=(None, 3, 3), dtype="f8", chunks=(256, 3, 3))
+        for name in ("energy_eV", "temperature_K"):
+            f.create_dataset(name, shape=(0,), maxshape=(None,), dtype="f8", chunks=(256,))
+        f.create_dataset("stress_eV_per_A3", shape=(0, 6), maxshape=(None, 6), dtype="f8", chunks=(256, 6))
+        for k, v in settings.items():
+            f.attrs[k] = v
+        f.attrs["provenance"] = provenance(**settings)
+
+
+def _append(f: h5py.File, atoms: Atoms, time_fs: float) -> None:
+    k = f["time_fs"].shape[0]
+    for name in ("time_fs", "positions", "cell", "energy_eV", "temperature_K", "stress_eV_per_A3"):
+        f[name].resize(k + 1, axis=0)
+    f["time_fs"][k] = time_fs
+    f["positions"][k] = atoms.positions
+    f["cell"][k] = atoms.cell.array
+    f["energy_eV"][k] = atoms.get_potential_energy()
+    f["temperature_K"][k] = atoms.get_temperature()
+    f["stress_eV_per_A3"][k] = atoms.get_stress(include_ideal_gas=True)
+
+
+def _truncate(f: h5py.File, n_frames: int) -> None:
+    for name in ("time_fs", "positions", "cell", "energy_eV", "temperature_K", "stress_eV_per_A3"):
+        f[name].resize(n_frames, axis=0)
+
+
+def _write_checkpoint(f: h5py.File, atoms: Atoms, dyn: LangevinBAOAB, n_frames: int) -> None:
+    if "checkpoint" in f:
+        del f["checkpoint"]
+    g = f.create_group("checkpoint")
+    g.create_dataset("positions", data=atoms.positions)
+    g.create_dataset("momenta", data=atoms.get_momenta())
+    g.create_dataset("cell", data=atoms.cell.array)
+    g.create_dataset("p_eps", data=np.asarray(getattr(dyn, "p_eps", 0.0), dtype=float))
+    g.attrs["rng_state"] = json.dumps(dyn.rng.bit_generator.state)
+    g.attrs["nsteps"] = int(dyn.nsteps)
+    g.attrs["n_frames"] = int(n_frames)
+    f.flush()
+
+
+def run_npt(
+    atoms: Atoms,
+    calc,
+    output: str | os.PathLike,
+    *,
+    temperature_K: float = 300.0,
+    pressure_MPa: float = 0.1,
+    timestep_fs: float = 0.5,
+    total_fs: float = 1000.0,
+    frame_interval_fs: float = 50.0,
+    T_tau_fs: float = 100.0,
+    P_tau_fs: float = 1000.0,
+    seed: int = 0,
+    checkpoint_every: int = 10,
+    progress: bool = True,
+    max_frames: int | None = None,
+) -> Path:
+    """Run NPT MD of ``atoms`` with ``calc``; write the trajectory to ``output`` (HDF5).
+
+    ``max_frames`` stops after that many new frames without finishing (used to test resuming).
+    Returns the path of the finished trajectory (or of the partial file when stopped early).
+    """
+    output = Path(output)
+    steps_per_frame = round(frame_interval_fs / timestep_fs)
+    if steps_per_frame < 1 or abs(steps_per_frame * timestep_fs - frame_interval_fs) > 1e-9:
+        raise InputError(
+            f"md: frame_interval_fs={frame_interval_fs} must be a positive multiple of timestep_fs={timestep_fs}"
+        )
+    n_frames_total = int(round(total_fs / frame_interval_fs)) + 1  # frame 0 at t = 0
+    settings = dict(
+        temperature_K=float(temperature_K),
+        pressure_MPa=float(pressure_MPa),
+        timestep_fs=float(timestep_fs),
+        frame_interval_fs=float(frame_interval_fs),
+        T_tau_fs=float(T_tau_fs),
+        P_tau_fs=float(P_tau_fs),
+        seed=int(seed),
+        total_fs=float(total_fs),
+        integrator="ase.md.langevinbaoab.LangevinBAOAB (anisotropic cell)",
+    )
+    atoms = atoms.copy()
+    atoms.calc = calc
+    part = partial_path(output)
+    resumed = None
+    if part.exists():
+        resumed = _read_checkpoint(part, atoms, settings)
+    if resumed is None:
+        rng = np.random.default_rng(seed)
+        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
+        Stationary(atoms)
+        _create(part, atoms, settings)
+    dyn = LangevinBAOAB(
+        atoms,
+        timestep_fs * units.fs,
+        temperature_K=temperature_K,
+        externalstress=-pressure_MPa * 1e6 * units.Pascal,  # stress = -pressure
+        hydrostatic=False,
+        T_tau=T_tau_fs * units.fs,
+        P_tau=P_tau_fs * units.fs,
+        rng=np.random.default_rng(seed + 1),
+    )
+    n_done = 0
+    if resumed is not None:
+        dyn.p_eps = resumed["p_eps"] if resumed["p_eps"].ndim else float(resumed["p_eps"])
+        dyn.rng.bit_generator.state = resumed["rng_state"]
+        dyn.nsteps = resumed["nsteps"]
+        n_done = resumed["n_frames"]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=n_frames_total, initial=n_done, desc=f"MD {output.parent.name}", unit="frame")
+    new = 0
+    with h5py.File(part, "a") as f:
+        _truncate(f, n_done)
+        if n_done == 0:
+            _append(f, atoms, 0.0)
+            n_done = 1
+            _write_checkpoint(f, atoms, dyn, n_done)
+            if bar:
+                bar.update(1)
+        while n_done < n_frames_total:
+            if max_frames is not None and new >= max_frames:
+                break
+            dyn.run(steps_per_frame)
+            _append(f, atoms, n_done * frame_interval_fs)
+            n_done += 1
+            new += 1
+            if n_done % checkpoint_every == 0 or n_done == n_frames_total:
+                _write_checkpoint(f, atoms, dyn, n_done)
+            if bar:
+                bar.update(1)
+                bar.set_postfix(T=f"{atoms.get_temperature():.0f}K")
+    if bar:
+        bar.close()
+    if n_done < n_frames_total:
+        return part
+    with h5py.File(part, "a") as f:
+        del f["checkpoint"]
+        f.attrs["n_frames"] = n_done
+    os.replace(part, output)
+    return output
+
+
+def _read_checkpoint(part: Path, atoms: Atoms, settings: dict) -> dict | None:
+    try:
+        with h5py.File(part, "r") as f:
+            if "checkpoint" not in f:
+                return None
+            for k in _RESUME_KEYS:
+                if not np.isclose(float(f.attrs[k]), float(settings[k])):
+                    raise InputError(
+                        f"{part}: partial trajectory was run with {k}={f.attrs[k]}, now {settings[k]}; "
+                        "delete it to start over"
+                    )
+            if not np.array_equal(f["numbers"][()], atoms.numbers):
+                raise InputError(f"{part}: partial trajectory holds a different structure; delete it to start over")
+            g = f["checkpoint"]
+            atoms.set_cell(g["cell"][()], scale_atoms=False)
+            atoms.positions = g["positions"][()]
+            atoms.set_momenta(g["momenta"][()])
+            return dict(
+                p_eps=g["p_eps"][()],
+                rng_state=json.loads(g.attrs["rng_state"]),
+                nsteps=int(g.attrs["nsteps"]),
+                n_frames=int(g.attrs["n_frames"]),
+            )
+    except OSError:
+        # unreadable partial file (crash while the header was written): start over
+        part.unlink()
+        return None
+
+
+def read_frames(path: str | os.PathLike, start_fs: float | None = None, every_fs: float | None = None) -> list[Atoms]:
+    """Frames of a trajectory file as ASE Atoms (periodic), from ``start_fs`` on, every ``every_fs``."""
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: trajectory not found")
+    with h5py.File(path, "r") as f:
+        for name in ("numbers", "time_fs", "positions", "cell"):
+            if name not in f:
+                raise InputError(f"{path}: trajectory lacks dataset '{name}'")
+        t = f["time_fs"][()]
+        sel = np.ones(len(t), bool)
+        if start_fs is not None:
+            sel &= t >= start_fs - 1e-6
+        if every_fs is not None:
+            t0 = t[sel][0] if sel.any() else 0.0
+            sel &= np.isclose(((t - t0) / every_fs) % 1.0, 0.0, atol=1e-6) | np.isclose(
+                ((t - t0) / every_fs) % 1.0, 1.0, atol=1e-6
+            )
+        idx = np.flatnonzero(sel)
+        if len(idx) == 0:
+            raise InputError(f"{path}: no frames at or after {start_fs} fs (trajectory ends at {t[-1]} fs)")
+        numbers = f["numbers"][()]
+        frames = []
+        for i in idx:
+            a = Atoms(numbers=numbers, positions=f["positions"][i], cell=f["cell"][i], pbc=True)
+            a.info["time_fs"] = float(t[i])
+            frames.append(a)
+    return frames

@@ -1,0 +1,86 @@
+"""External data by URL + sha256 (pooch), with an offline mirror folder.
+
+Entries live in ``resources/external.yaml``. :func:`fetch` returns a local path to the file (or
+to ``member`` inside an archive): from the cache when already verified there, else copied from
+the mirror folder named by ``OCTASTEM_MIRROR`` when that folder has it, else downloaded from
+the URL. Every route checks the sha256 before the file is used.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pooch
+import yaml
+
+from .io import InputError
+
+MIRROR_ENV = "OCTASTEM_MIRROR"
+CACHE_ENV = "OCTASTEM_CACHE"
+DEFAULT_REGISTRY = Path(__file__).resolve().parents[2] / "resources" / "external.yaml"
+
+
+def load_registry(path: str | os.PathLike | None = None) -> dict:
+    """Read the registry YAML; each entry needs url, sha256 and mirror_path."""
+    path = Path(path or DEFAULT_REGISTRY)
+    if not path.exists():
+        raise InputError(f"{path}: external-data registry not found")
+    reg = yaml.safe_load(path.read_text()) or {}
+    for name, entry in reg.items():
+        for key in ("url", "sha256", "mirror_path"):
+            if key not in entry:
+                raise InputError(f"{path}: entry '{name}' lacks field '{key}'")
+    return reg
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or pooch.os_cache("octastem"))
+
+
+def _mirror_downloader(mirror_file: Path):
+    def download(url, output_file, pooch_obj):  # signature required by pooch
+        pooch.get_logger().info("Copying %s from the mirror instead.", mirror_file)
+        shutil.copyfile(mirror_file, output_file)
+
+    return download
+
+
+def fetch(name: str, registry: str | os.PathLike | None = None, progress: bool = False) -> Path:
+    """Local path of registry entry ``name``, verified against its sha256."""
+    reg = load_registry(registry)
+    if name not in reg:
+        raise InputError(f"external-data registry: no entry '{name}' (known: {sorted(reg)})")
+    entry = reg[name]
+    downloader = None
+    mirror = os.environ.get(MIRROR_ENV)
+    if mirror:
+        mirror_file = Path(mirror) / entry["mirror_path"]
+        if mirror_file.exists():
+            downloader = _mirror_downloader(mirror_file)
+    if downloader is None and progress:
+        downloader = pooch.HTTPDownloader(progressbar=True)
+    member = entry.get("member")
+    processor = pooch.Untar(members=[member]) if member else None
+    fname = Path(entry["mirror_path"]).name
+    try:
+        out = pooch.retrieve(
+            entry["url"],
+            known_hash=f"sha256:{entry['sha256']}",
+            fname=fname,
+            path=cache_dir(),
+            downloader=downloader,
+            processor=processor,
+            progressbar=False,
+        )
+    except ValueError as e:  # pooch raises ValueError on a hash mismatch
+        raise InputError(f"external data '{name}': {e}") from e
+    except Exception as e:  # network or filesystem: name the remedy
+        raise InputError(
+            f"external data '{name}': could not obtain {entry['url']} ({e}); without internet, set "
+            f"{MIRROR_ENV} to a folder holding {entry['mirror_path']}"
+        ) from e
+    if isinstance(out, list):
+        out = out[0]
+    return Path(out)

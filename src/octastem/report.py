@@ -1,0 +1,156 @@
+"""Table 1 of the study (median Br ellipticity +- SE of the median) as CSV, Markdown, HTML and a plot."""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from . import io
+from .io import InputError
+
+
+def _load_summary(path) -> dict:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: unreadable fit summary ({e})") from e
+
+
+def _br(summary: dict, path) -> dict:
+    types = summary.get("types", summary)
+    if "Br" not in types:
+        raise InputError(f"{path}: fit summary has no 'Br' entry (found {sorted(types)})")
+    return types["Br"]
+
+
+def build_table1(columns: list[dict], fit_paths: list, samples: dict, method: str) -> pd.DataFrame:
+    """One row per Table 1 column: label, source, dataset, n, median, se, se_method, dose, simulated."""
+    rows = []
+    for col, path in zip(columns, fit_paths):
+        br = _br(_load_summary(path), path)
+        row = {
+            "label": col["label"],
+            "median_ellipticity": br["median_ellipticity"],
+            "se_median": br["se"],
+            "se_method": br.get("se_method", ""),
+            "n_columns": br["n"],
+        }
+        if "sample" in col:
+            s = samples[col["sample"]]
+            row.update(source="4D-STEM", dataset=col["sample"], method=method, dose_e_per_A2=s["dose_e_per_A2"],
+                       simulated="raw" not in s, origin=s.get("raw", f"simulated from MD system '{s.get('system')}'"))
+        else:
+            row.update(source="MD", dataset=col["system"], method="projected potential", dose_e_per_A2=np.nan,
+                       simulated=True, origin=f"MACE NPT MD of system '{col['system']}'")
+        row["fit_summary"] = str(path)
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def cell_text(median: float, se: float) -> str:
+    return f"{median:.3f} ± {se:.3f}"
+
+
+def table1_markdown(df: pd.DataFrame, notes: list[str]) -> str:
+    header = "| | " + " | ".join(df["label"]) + " |"
+    sep = "|---|" + "---|" * len(df)
+    row = "| Br | " + " | ".join(cell_text(m, s) for m, s in zip(df["median_ellipticity"], df["se_median"])) + " |"
+    lines = [
+        "# Table 1: ellipticity ratio of the projections of the Br atomic columns",
+        "",
+        "Median of the ellipticity ratio (major / minor width) with the standard error of the median.",
+        "",
+        header,
+        sep,
+        row,
+        "",
+        "## Notes",
+        "",
+    ]
+    lines += [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def table1_html(df: pd.DataFrame, notes: list[str]) -> str:
+    th = "".join(f"<th>{html.escape(x)}</th>" for x in df["label"])
+    td = "".join(f"<td>{cell_text(m, s)}</td>" for m, s in zip(df["median_ellipticity"], df["se_median"]))
+    li = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    return (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'><title>octastem Table 1</title>"
+        "<style>table{border-collapse:collapse}td,th{border:1px solid #999;padding:4px 10px}</style></head><body>"
+        "<h1>Table 1: ellipticity ratio of the projected Br columns</h1>"
+        f"<table><tr><th></th>{th}</tr><tr><th>Br</th>{td}</tr></table><h2>Notes</h2><ul>{li}</ul></body></html>\n"
+    )
+
+
+def notes_for(df: pd.DataFrame, md_summaries: list, md: dict, stem: dict, structure: dict, systems: dict) -> list[str]:
+    """Plain-language notes: what is simulated, which potential and settings produced the values."""
+    notes = []
+    for _, r in df.iterrows():
+        if r["source"] == "4D-STEM":
+            kind = "SIMULATED dataset (no raw data configured)" if r["simulated"] else "raw dataset"
+            notes.append(
+                f"{r['label']}: {kind}, {r['origin']}, dose {r['dose_e_per_A2']:g} e/A^2, phase by {r['method']}, "
+                f"{r['n_columns']} Br columns fitted, SE: {r['se_method']}."
+            )
+        else:
+            notes.append(f"{r['label']}: {r['origin']}, {r['n_columns']} Br columns fitted, SE: {r['se_method']}.")
+    if any(df["simulated"] & (df["source"] == "4D-STEM")):
+        notes.append(
+            f"Simulated 4D-STEM: abTEM multislice at {stem['energy_eV'] / 1e3:g} kV, convergence semi-angle "
+            f"{stem['semiangle_mrad']:g} mrad, scan step {stem['scan_step_A']:g} A, {stem['frames']} frozen-phonon MD "
+            "frames, Poisson noise at the stated total dose."
+        )
+    reps = structure["reps"]
+    notes.append(
+        f"MD: potential '{md['potential']}' (MACE, PBE-D3(BJ), the study's own), {reps[0]}x{reps[1]}x{reps[2]} cubic "
+        f"FAPbBr3 supercell, systems {systems} (FABr vacancies), NPT {md['temperature_K']:g} K / "
+        f"{md['pressure_MPa']:g} MPa, {md['timestep_fs']:g} fs step, {md['total_fs']:g} fs total, last "
+        f"{md['analysis_fs']:g} fs analysed, snapshot every {md['frame_interval_fs']:g} fs."
+    )
+    for path in md_summaries:
+        s = _load_summary(path)
+        lat = s["lattice_A"]
+        notes.append(
+            f"{Path(path).parent.name}: T = {s['temperature_K']['mean']:.0f} ± {s['temperature_K']['std']:.0f} K, "
+            f"a/b/c = {lat['a']['mean']:.3f}/{lat['b']['mean']:.3f}/{lat['c']['mean']:.3f} A over "
+            f"{s['n_frames_analysed']} frames."
+        )
+    return notes
+
+
+def write_table1(csv, md_path, html_path, columns, fit_paths, samples, method, md_summaries, md, stem, structure,
+                 systems) -> pd.DataFrame:
+    df = build_table1(columns, fit_paths, samples, method)
+    notes = notes_for(df, md_summaries, md, stem, structure, systems)
+    with io.atomic_path(csv) as tmp:
+        df.to_csv(tmp, index=False)
+    io.write_text(md_path, table1_markdown(df, notes))
+    io.write_text(html_path, table1_html(df, notes))
+    return df
+
+
+def plot_table1(csv, output) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    df = pd.read_csv(csv)
+    fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(df), 3.6))
+    colours = ["tab:purple" if s == "4D-STEM" else "tab:green" for s in df["source"]]
+    x = np.arange(len(df))
+    ax.errorbar(x, df["median_ellipticity"], yerr=df["se_median"], fmt="none", ecolor="k", capsize=4)
+    ax.scatter(x, df["median_ellipticity"], c=colours, s=60, zorder=3)
+    ax.axhline(1.0, color="0.6", ls="--", lw=1)
+    ax.set_xticks(x, [lbl.replace(" (", "\n(") for lbl in df["label"]], fontsize=8)
+    ax.set_ylabel("Br ellipticity ratio (median ± SE)")
+    fig.tight_layout()
+    with io.atomic_path(output) as tmp:
+        fig.savefig(tmp, dpi=150)
+    plt.close(fig)

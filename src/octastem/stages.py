@@ -1,0 +1,243 @@
+"""Pipeline stages: file in, file out, one function per Snakemake rule.
+
+Each function reads its inputs, calls the science modules and writes its outputs atomically, so
+``workflow/scripts/*.py`` only translate the ``snakemake`` object into one call here and every
+stage can be run and tested without Snakemake.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from . import io
+from .io import InputError
+
+log = logging.getLogger("octastem")
+
+
+@contextlib.contextmanager
+def logged(path: str | os.PathLike | None):
+    """Send logging, warnings and stderr (progress bars) of a stage to ``path``."""
+    if path is None:
+        yield
+        return
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        handler = logging.StreamHandler(fh)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+        root = logging.getLogger()
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        logging.captureWarnings(True)
+        old = sys.stderr
+        sys.stderr = fh
+        try:
+            yield
+        except Exception:
+            log.exception("stage failed")
+            raise
+        finally:
+            sys.stderr = old
+            root.removeHandler(handler)
+
+
+# ----------------------------------------------------------------------------------------------
+# structure and MD
+# ----------------------------------------------------------------------------------------------
+
+
+def structure(output, n_vacancies: int, reps, a_A: float = 6.0, seed: int = 0) -> None:
+    """Write the cubic FAPbBr3 supercell with ``n_vacancies`` FABr pairs removed (extxyz)."""
+    from ase.io import write
+
+    from .structure import build_fapbbr3, check_geometry, composition, remove_fabr_pairs
+
+    atoms = remove_fabr_pairs(build_fapbbr3(tuple(reps), a_A), int(n_vacancies), seed=int(seed))
+    check_geometry(atoms, name=str(output))
+    log.info("structure %s: %d atoms %s", output, len(atoms), composition(atoms))
+    with io.atomic_path(output) as tmp:
+        write(tmp, atoms, format="extxyz")
+
+
+def read_structure(path):
+    from ase.io import read
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: structure file not found")
+    try:
+        return read(path)
+    except Exception as e:
+        raise InputError(f"{path}: not a readable structure file ({e})") from e
+
+
+def md(structure_path, output, potential: str = "reference_mace", device: str = "auto", dtype: str = "float32",
+       threads: int = 1, **settings) -> None:
+    """MACE NPT MD of the structure; ``potential`` is a registry entry or a model file path."""
+    from .md import run_npt
+    from .mlp import check_elements, load_mace_model, mace_calculator
+    from .registry import fetch, load_registry
+    from .structure import check_geometry
+
+    atoms = read_structure(structure_path)
+    check_geometry(atoms, name=str(structure_path))
+    model_path = fetch(potential) if potential in load_registry() else Path(potential)
+    model = load_mace_model(model_path, device=device, dtype=dtype)
+    check_elements(atoms, model, name=str(structure_path))
+    calc = mace_calculator(model, device=device, dtype=dtype, threads=threads)
+    t0 = time.perf_counter()
+    run_npt(atoms, calc, output, **settings)
+    wall = time.perf_counter() - t0
+    n_steps = settings.get("total_fs", 0) / settings.get("timestep_fs", 1)
+    log.info("md %s: %d atoms, %.0f steps in %.1f s (%.1f ms/step)", output, len(atoms), n_steps, wall,
+             1e3 * wall / max(n_steps, 1))
+
+
+def md_summary(trajectory, output, start_fs: float) -> None:
+    """Mean/std temperature, energy and lattice parameters over the analysis window (JSON)."""
+    import h5py
+
+    with h5py.File(trajectory, "r") as f:
+        t = f["time_fs"][()]
+        sel = t >= start_fs - 1e-6
+        cell = f["cell"][()][sel]
+        T = f["temperature_K"][()][sel]
+        E = f["energy_eV"][()][sel]
+        attrs = {k: io._plain(v) for k, v in f.attrs.items()}
+        n_atoms = len(f["numbers"])
+    abc = np.linalg.norm(cell, axis=2)
+    summary = {
+        "trajectory": str(trajectory),
+        "n_atoms": n_atoms,
+        "n_frames_analysed": int(sel.sum()),
+        "window_fs": [float(t[sel][0]), float(t[sel][-1])],
+        "temperature_K": {"mean": float(T.mean()), "std": float(T.std())},
+        "energy_eV": {"mean": float(E.mean()), "std": float(E.std())},
+        "lattice_A": {k: {"mean": float(abc[:, i].mean()), "std": float(abc[:, i].std())} for i, k in enumerate("abc")},
+        "settings": {k: v for k, v in attrs.items() if k != "provenance"},
+    }
+    io.write_json(output, summary)
+
+
+# ----------------------------------------------------------------------------------------------
+# images and 4D-STEM
+# ----------------------------------------------------------------------------------------------
+
+
+def snapshot_potential(trajectory, output, start_fs: float, every_fs: float, n_cells, sampling_A: float = 0.05,
+                       slice_thickness_A: float = 1.0) -> None:
+    """Averaged abTEM projected potential of the snapshots of the analysis window."""
+    from .md import read_frames
+    from .potential import projected_potential
+
+    frames = read_frames(trajectory, start_fs=start_fs, every_fs=every_fs)
+    log.info("%s: %d snapshots from %.1f fs every %.1f fs", trajectory, len(frames), start_fs, every_fs)
+    image, sampling, cell_xy = projected_potential(frames, sampling_A=sampling_A, slice_thickness_A=slice_thickness_A)
+    io.write_image(
+        output, image, sampling, kind="projected_potential",
+        n_cells=list(n_cells), cell_A=list(cell_xy), n_snapshots=len(frames),
+        provenance=io.provenance(trajectory=str(trajectory), start_fs=start_fs, every_fs=every_fs),
+    )
+
+
+def simulate_4dstem(trajectory, output, start_fs: float, frames: int, n_cells, **optics) -> None:
+    """Noise-free 4D-STEM of ``frames`` snapshots spread evenly over the analysis window."""
+    from .md import read_frames
+    from .stem import simulate_4dstem as simulate
+
+    window = read_frames(trajectory, start_fs=start_fs)
+    pick = np.unique(np.linspace(0, len(window) - 1, int(frames)).round().astype(int))
+    chosen = [window[i] for i in pick]
+    log.info("%s: simulating %d frozen-phonon frames at t = %s fs", trajectory, len(chosen),
+             [a.info["time_fs"] for a in chosen])
+    stem = simulate(chosen, dose_e_per_A2=None, source="simulated",
+                    provenance_extra={"trajectory": str(trajectory), "times_fs": [a.info["time_fs"] for a in chosen]},
+                    **optics)
+    stem.extra["n_cells"] = list(n_cells)
+    io.write_4dstem(output, stem)
+
+
+def dose(input_path, output, dose_e_per_A2: float, simulated: bool, seed: int) -> None:
+    """Poisson counts at the sample's dose (simulated data) or a checked copy of a raw dataset."""
+    from .stem import add_poisson_noise
+
+    stem = io.read_4dstem(input_path)
+    if simulated:
+        rng = np.random.default_rng(seed)
+        stem.data = add_poisson_noise(stem.data, dose_e_per_A2, stem.scan_step_A, rng)
+        stem.dose_e_per_A2 = float(dose_e_per_A2)
+        stem.source = "simulated"
+        stem.provenance = io.provenance(clean=str(input_path), dose_e_per_A2=dose_e_per_A2, noise_seed=seed)
+    else:
+        data = stem.data
+        if not np.all(np.isfinite(data)) or (data < 0).any():
+            raise InputError(f"{input_path}: field 'data' must hold finite, non-negative counts")
+        measured = float(data.sum(axis=(2, 3)).mean()) / stem.scan_step_A**2
+        if not np.isclose(measured, dose_e_per_A2, rtol=0.2):
+            raise InputError(
+                f"{input_path}: dose from counts is {measured:.1f} e/A^2, configured dose_e_per_A2 is {dose_e_per_A2}"
+            )
+        stem.source = str(input_path)
+    io.write_4dstem(output, stem)
+
+
+def reconstruct(input_path, output, method: str, n_cells=None) -> None:
+    """Phase image of a 4D-STEM dataset by ``method``."""
+    from .reconstruct import reconstruct as run
+
+    stem = io.read_4dstem(input_path)
+    image, sampling = run(stem, method)
+    n_cells = stem.extra.get("n_cells", n_cells)
+    ny, nx = image.shape
+    io.write_image(
+        output, image, sampling, kind=f"phase_{method}", n_cells=list(n_cells),
+        cell_A=[nx * sampling, ny * sampling], dose_e_per_A2=stem.dose_e_per_A2, source=stem.source,
+        provenance=io.provenance(stem=str(input_path), method=method),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# fit and report
+# ----------------------------------------------------------------------------------------------
+
+
+def fit(image_path, table, summary, types=("Br",), window_A: float = 1.3, se_method: str = "asymptotic",
+        seed: int = 0) -> None:
+    """Elliptical Gaussian fit of the columns of an image file -> CSV table + JSON summary."""
+    from .fit import fit_image_file
+
+    fit_image_file(image_path, table, summary, n_cells=None, cell_A=None, types=tuple(types), window_A=window_A,
+                   se_method=se_method, seed=seed)
+
+
+def figure(image_path, table, output) -> None:
+    import pandas as pd
+
+    from .fit import plot_model
+
+    image, attrs = io.read_image(image_path)
+    df = pd.read_csv(table)
+    with io.atomic_path(output) as tmp:
+        plot_model(image, attrs["sampling_A"], df, tmp, title=f"{Path(output).stem} ({attrs['kind']})")
+
+
+def table1(fits, md_summaries, csv, md_path, html_path, columns, samples, systems, md, stem, structure,
+           method) -> None:
+    from .report import write_table1
+
+    df = write_table1(csv, md_path, html_path, columns, fits, samples, method, md_summaries, md, stem, structure,
+                      systems)
+    log.info("Table 1:\n%s", df[["label", "median_ellipticity", "se_median", "n_columns"]].to_string())
+
+
+def table1_plot(csv, output) -> None:
+    from .report import plot_table1
+
+    plot_table1(csv, output)

@@ -1,0 +1,90 @@
+# Helpers and cross-checks of the validated config. Fails before any job starts, naming the key.
+import json
+from pathlib import Path
+
+
+def _config_error(key, message):
+    raise ValueError(f"config: '{key}': {message}")
+
+
+def _check_config(cfg):
+    systems = cfg["systems"]
+    reps = cfg["structure"]["reps"]
+    n_fa = reps[0] * reps[1] * reps[2]
+    for name, n in systems.items():
+        if n > n_fa:
+            _config_error(f"systems.{name}", f"{n} FABr vacancies but the {reps} supercell has only {n_fa} FA sites")
+    md = cfg["md"]
+    ratio = md["frame_interval_fs"] / md["timestep_fs"]
+    if abs(ratio - round(ratio)) > 1e-9:
+        _config_error("md.frame_interval_fs", "must be a whole multiple of md.timestep_fs")
+    if md["analysis_fs"] > md["total_fs"]:
+        _config_error("md.analysis_fs", f"{md['analysis_fs']} fs exceeds md.total_fs = {md['total_fs']} fs")
+    n_window = int(md["analysis_fs"] / md["frame_interval_fs"]) + 1
+    if cfg["stem"]["frames"] > n_window:
+        _config_error("stem.frames", f"{cfg['stem']['frames']} frames asked but the analysis window has {n_window}")
+    for name, s in cfg["samples"].items():
+        if "raw" not in s:
+            if "system" not in s:
+                _config_error(f"samples.{name}", "needs either 'raw' (a dataset) or 'system' (to simulate one)")
+            if s["system"] not in systems:
+                _config_error(f"samples.{name}.system", f"'{s['system']}' is not one of systems {sorted(systems)}")
+        elif not Path(s["raw"]).exists():
+            _config_error(f"samples.{name}.raw", f"file {s['raw']} not found")
+    if cfg["reconstruct"]["table_method"] not in cfg["reconstruct"]["methods"]:
+        _config_error("reconstruct.table_method", "must be one of reconstruct.methods")
+    for i, col in enumerate(cfg["table1"]):
+        if "sample" in col and col["sample"] not in cfg["samples"]:
+            _config_error(f"table1[{i}].sample", f"'{col['sample']}' is not one of samples {sorted(cfg['samples'])}")
+        if "system" in col and col["system"] not in systems:
+            _config_error(f"table1[{i}].system", f"'{col['system']}' is not one of systems {sorted(systems)}")
+
+
+_check_config(config)
+
+SYSTEMS = list(config["systems"])
+SAMPLES = list(config["samples"])
+METHODS = config["reconstruct"]["methods"]
+
+
+wildcard_constraints:
+    system="|".join(SYSTEMS),
+    sample="|".join(SAMPLES),
+    method="|".join(METHODS),
+
+
+def md_device():
+    return config["md"]["device"]
+
+
+def md_gpus():
+    """GPUs requested by the MD rule: one when the config asks for CUDA."""
+    return 1 if md_device().startswith("cuda") else 0
+
+
+def analysis_start_fs():
+    return config["md"]["total_fs"] - config["md"]["analysis_fs"]
+
+
+def image_geometry():
+    """In-plane unit cells covered by every image (the supercell's nx, ny)."""
+    reps = config["structure"]["reps"]
+    return [reps[0], reps[1]]
+
+
+def stem_input(wildcards):
+    s = config["samples"][wildcards.sample]
+    if "raw" in s:
+        return s["raw"]
+    return f"results/stem/clean/{s['system']}.h5"
+
+
+def table1_fits():
+    """Fit summaries behind each Table 1 column, in column order."""
+    out = []
+    for col in config["table1"]:
+        if "sample" in col:
+            out.append(f"results/fit/{col['sample']}_{config['reconstruct']['table_method']}.json")
+        else:
+            out.append(f"results/fit/md_{col['system']}.json")
+    return out

@@ -1,0 +1,88 @@
+def fit_names():
+    """Names of all fits behind Table 1 (sample_method or md_system)."""
+    return [Path(p).stem for p in table1_fits()]
+
+
+def fit_image(wildcards):
+    name = wildcards.name
+    if name.startswith("md_"):
+        return f"results/potential/{name[3:]}.h5"
+    sample, method = name.rsplit("_", 1)
+    return f"results/reconstruct/{sample}/{method}.h5"
+
+
+rule table1:
+    """Table 1 of the study: median Br ellipticity +- standard error of the median per column."""
+    input:
+        fits=table1_fits(),
+        md=expand("results/md/{system}/summary.json", system=SYSTEMS),
+        stem=expand("results/stem/{sample}.h5", sample=SAMPLES),
+    output:
+        csv=report(
+            "results/report/table1.csv",
+            category="Table 1",
+            caption="../report/table1.rst",
+        ),
+        md="results/report/table1.md",
+        html="results/report/table1.html",
+    params:
+        columns=config["table1"],
+        samples=config["samples"],
+        systems=config["systems"],
+        md=config["md"],
+        stem=config["stem"],
+        structure=config["structure"],
+        method=config["reconstruct"]["table_method"],
+    log:
+        "logs/report/table1.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime="5m",
+        gpu=0,
+    script:
+        "../scripts/table1.py"
+
+
+rule figure:
+    """Image with the fitted elliptical Gaussians drawn and coloured by ellipticity."""
+    input:
+        image=fit_image,
+        table="results/fit/{name}.csv",
+    output:
+        png=report(
+            "results/report/figures/{name}.png",
+            category="Figures",
+            caption="../report/figure.rst",
+            labels={"dataset": "{name}"},
+        ),
+    log:
+        "logs/report/figure_{name}.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime="5m",
+        gpu=0,
+    script:
+        "../scripts/figure.py"
+
+
+rule table1_plot:
+    """Table 1 as a plot: median ellipticity with the standard error of the median per column."""
+    input:
+        csv="results/report/table1.csv",
+    output:
+        png=report(
+            "results/report/figures/table1.png",
+            category="Table 1",
+            caption="../report/table1_plot.rst",
+        ),
+    log:
+        "logs/report/table1_plot.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime="5m",
+        gpu=0,
+    script:
+        "../scripts/table1_plot.py"

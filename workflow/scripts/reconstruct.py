@@ -1,0 +1,5 @@
+from octastem import stages
+
+with stages.logged(snakemake.log[0]):
+    stages.reconstruct(snakemake.input.stem, snakemake.output.image, method=snakemake.wildcards.method,
+                       **dict(snakemake.params.items()))

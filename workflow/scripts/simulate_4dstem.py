@@ -1,0 +1,4 @@
+from octastem import stages
+
+with stages.logged(snakemake.log[0]):
+    stages.simulate_4dstem(snakemake.input.trajectory, snakemake.output.stem, **dict(snakemake.params.items()))

@@ -1,0 +1,4 @@
+from octastem import stages
+
+with stages.logged(snakemake.log[0]):
+    stages.table1_plot(snakemake.input.csv, snakemake.output.png)
