@@ -10,7 +10,7 @@ min_version("9.0")
 # preset is complete on its own); --config key=value overrides single keys of the default.
 if not workflow.overwrite_configfiles:
 
-    configfile: "config/config.yaml"
+    configfile: f"{workflow.basedir}/config/config.yaml"
 
 
 

@@ -11,8 +11,13 @@ def _registry(tmp_path, content: bytes, sha=None):
     mirror = tmp_path / "mirror"
     (mirror / "sub").mkdir(parents=True)
     (mirror / "sub" / "thing.bin").write_bytes(content)
-    reg = {"thing": {"url": "https://example.invalid/thing.bin", "sha256": sha or hashlib.sha256(content).hexdigest(),
-                     "mirror_path": "sub/thing.bin"}}
+    reg = {
+        "thing": {
+            "url": "https://example.invalid/thing.bin",
+            "sha256": sha or hashlib.sha256(content).hexdigest(),
+            "mirror_path": "sub/thing.bin",
+        }
+    }
     path = tmp_path / "external.yaml"
     path.write_text(yaml.safe_dump(reg))
     return path, mirror

@@ -29,7 +29,8 @@ def test_unit_cell_composition_and_sites():
 def test_vacancies_stoichiometry(n_vac):
     a = remove_fabr_pairs(build_fapbbr3((4, 4, 4)), n_vac, seed=3)
     assert composition(a) == {
-        k: v for k, v in {"Pb": 64, "Br": 192 - n_vac, "C": 64 - n_vac, "N": 128 - 2 * n_vac, "H": 320 - 5 * n_vac}.items()
+        k: v
+        for k, v in {"Pb": 64, "Br": 192 - n_vac, "C": 64 - n_vac, "N": 128 - 2 * n_vac, "H": 320 - 5 * n_vac}.items()
         if v > 0
     }
     assert len(a) == 768 - 9 * n_vac

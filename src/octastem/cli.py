@@ -13,7 +13,15 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(args: argparse.Namespace, extra: list[str]) -> int:
-    cmd = [sys.executable, "-m", "snakemake", "--snakefile", str(REPO / "Snakefile"), "--directory", str(args.directory)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(args.directory),
+    ]
     if args.paper:
         cmd += ["--configfile", str(REPO / "config" / "paper.yaml")]
     if args.configfile:

@@ -16,9 +16,10 @@ import json
 import os
 import platform
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import h5py
 import numpy as np
@@ -128,18 +129,17 @@ def write_4dstem(path: str | os.PathLike, stem: Stem4D, chunks: bool = True) -> 
     data = np.asarray(stem.data)
     if data.ndim != 4:
         raise InputError(f"{path}: field 'data' must be 4D (scan_y, scan_x, k_y, k_x), got shape {data.shape}")
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            ds = f.create_dataset(
-                "data",
-                data=data,
-                chunks=(1, data.shape[1], data.shape[2], data.shape[3]) if chunks else None,
-                compression="gzip" if chunks else None,
-                compression_opts=1 if chunks else None,
-            )
-            for k, v in stem.attrs.items():
-                ds.attrs[k] = v
-                f.attrs[k] = v
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        ds = f.create_dataset(
+            "data",
+            data=data,
+            chunks=(1, data.shape[1], data.shape[2], data.shape[3]) if chunks else None,
+            compression="gzip" if chunks else None,
+            compression_opts=1 if chunks else None,
+        )
+        for k, v in stem.attrs.items():
+            ds.attrs[k] = v
+            f.attrs[k] = v
 
 
 def read_4dstem(path: str | os.PathLike) -> Stem4D:
@@ -177,13 +177,12 @@ def write_image(path: str | os.PathLike, image: np.ndarray, sampling_A: float, k
     if image.ndim != 2:
         raise InputError(f"{path}: field 'image' must be 2D (y, x), got shape {image.shape}")
     attrs.setdefault("provenance", provenance())
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            ds = f.create_dataset("image", data=image)
-            ds.attrs["sampling_A"] = float(sampling_A)
-            ds.attrs["kind"] = kind
-            for k, v in attrs.items():
-                ds.attrs[k] = v
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        ds = f.create_dataset("image", data=image)
+        ds.attrs["sampling_A"] = float(sampling_A)
+        ds.attrs["kind"] = kind
+        for k, v in attrs.items():
+            ds.attrs[k] = v
 
 
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, dict]:

@@ -29,8 +29,8 @@ def _jit_load_on(device: str):
     torch = _import_torch()
     original = torch.jit.load
 
-    def load(f, map_location=None, *args, **kwargs):
-        return original(f, map_location=device, *args, **kwargs)
+    def load(f, map_location=None, _extra_files=None, **kwargs):
+        return original(f, map_location=device, _extra_files=_extra_files, **kwargs)
 
     torch.jit.load = load
     try:

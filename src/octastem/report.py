@@ -22,7 +22,7 @@ def _load_summary(path) -> dict:
 
 
 def _br(summary: dict, path) -> dict:
-    types = summary.get("types", summary)
+    types = summary.get("summary", summary)
     if "Br" not in types:
         raise InputError(f"{path}: fit summary has no 'Br' entry (found {sorted(types)})")
     return types["Br"]
@@ -42,11 +42,23 @@ def build_table1(columns: list[dict], fit_paths: list, samples: dict, method: st
         }
         if "sample" in col:
             s = samples[col["sample"]]
-            row.update(source="4D-STEM", dataset=col["sample"], method=method, dose_e_per_A2=s["dose_e_per_A2"],
-                       simulated="raw" not in s, origin=s.get("raw", f"simulated from MD system '{s.get('system')}'"))
+            row.update(
+                source="4D-STEM",
+                dataset=col["sample"],
+                method=method,
+                dose_e_per_A2=s["dose_e_per_A2"],
+                simulated="raw" not in s,
+                origin=s.get("raw", f"simulated from MD system '{s.get('system')}'"),
+            )
         else:
-            row.update(source="MD", dataset=col["system"], method="projected potential", dose_e_per_A2=np.nan,
-                       simulated=True, origin=f"MACE NPT MD of system '{col['system']}'")
+            row.update(
+                source="MD",
+                dataset=col["system"],
+                method="projected potential",
+                dose_e_per_A2=np.nan,
+                simulated=True,
+                origin=f"MACE NPT MD of system '{col['system']}'",
+            )
         row["fit_summary"] = str(path)
         rows.append(row)
     return pd.DataFrame(rows)
@@ -124,8 +136,9 @@ def notes_for(df: pd.DataFrame, md_summaries: list, md: dict, stem: dict, struct
     return notes
 
 
-def write_table1(csv, md_path, html_path, columns, fit_paths, samples, method, md_summaries, md, stem, structure,
-                 systems) -> pd.DataFrame:
+def write_table1(
+    csv, md_path, html_path, columns, fit_paths, samples, method, md_summaries, md, stem, structure, systems
+) -> pd.DataFrame:
     df = build_table1(columns, fit_paths, samples, method)
     notes = notes_for(df, md_summaries, md, stem, structure, systems)
     with io.atomic_path(csv) as tmp:

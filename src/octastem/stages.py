@@ -78,8 +78,15 @@ def read_structure(path):
         raise InputError(f"{path}: not a readable structure file ({e})") from e
 
 
-def md(structure_path, output, potential: str = "reference_mace", device: str = "auto", dtype: str = "float32",
-       threads: int = 1, **settings) -> None:
+def md(
+    structure_path,
+    output,
+    potential: str = "reference_mace",
+    device: str = "auto",
+    dtype: str = "float32",
+    threads: int = 1,
+    **settings,
+) -> None:
     """MACE NPT MD of the structure; ``potential`` is a registry entry or a model file path."""
     from .md import run_npt
     from .mlp import check_elements, load_mace_model, mace_calculator
@@ -96,8 +103,14 @@ def md(structure_path, output, potential: str = "reference_mace", device: str = 
     run_npt(atoms, calc, output, **settings)
     wall = time.perf_counter() - t0
     n_steps = settings.get("total_fs", 0) / settings.get("timestep_fs", 1)
-    log.info("md %s: %d atoms, %.0f steps in %.1f s (%.1f ms/step)", output, len(atoms), n_steps, wall,
-             1e3 * wall / max(n_steps, 1))
+    log.info(
+        "md %s: %d atoms, %.0f steps in %.1f s (%.1f ms/step)",
+        output,
+        len(atoms),
+        n_steps,
+        wall,
+        1e3 * wall / max(n_steps, 1),
+    )
 
 
 def md_summary(trajectory, output, start_fs: float) -> None:
@@ -131,8 +144,15 @@ def md_summary(trajectory, output, start_fs: float) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def snapshot_potential(trajectory, output, start_fs: float, every_fs: float, n_cells, sampling_A: float = 0.05,
-                       slice_thickness_A: float = 1.0) -> None:
+def snapshot_potential(
+    trajectory,
+    output,
+    start_fs: float,
+    every_fs: float,
+    n_cells,
+    sampling_A: float = 0.05,
+    slice_thickness_A: float | None = None,
+) -> None:
     """Averaged abTEM projected potential of the snapshots of the analysis window."""
     from .md import read_frames
     from .potential import projected_potential
@@ -141,13 +161,18 @@ def snapshot_potential(trajectory, output, start_fs: float, every_fs: float, n_c
     log.info("%s: %d snapshots from %.1f fs every %.1f fs", trajectory, len(frames), start_fs, every_fs)
     image, sampling, cell_xy = projected_potential(frames, sampling_A=sampling_A, slice_thickness_A=slice_thickness_A)
     io.write_image(
-        output, image, sampling, kind="projected_potential",
-        n_cells=list(n_cells), cell_A=list(cell_xy), n_snapshots=len(frames),
+        output,
+        image,
+        sampling,
+        kind="projected_potential",
+        n_cells=list(n_cells),
+        cell_A=list(cell_xy),
+        n_snapshots=len(frames),
         provenance=io.provenance(trajectory=str(trajectory), start_fs=start_fs, every_fs=every_fs),
     )
 
 
-def simulate_4dstem(trajectory, output, start_fs: float, frames: int, n_cells, **optics) -> None:
+def simulate_4dstem(trajectory, output, start_fs: float, frames: int, n_cells, threads: int = 1, **optics) -> None:
     """Noise-free 4D-STEM of ``frames`` snapshots spread evenly over the analysis window."""
     from .md import read_frames
     from .stem import simulate_4dstem as simulate
@@ -155,31 +180,65 @@ def simulate_4dstem(trajectory, output, start_fs: float, frames: int, n_cells, *
     window = read_frames(trajectory, start_fs=start_fs)
     pick = np.unique(np.linspace(0, len(window) - 1, int(frames)).round().astype(int))
     chosen = [window[i] for i in pick]
-    log.info("%s: simulating %d frozen-phonon frames at t = %s fs", trajectory, len(chosen),
-             [a.info["time_fs"] for a in chosen])
-    stem = simulate(chosen, dose_e_per_A2=None, source="simulated",
-                    provenance_extra={"trajectory": str(trajectory), "times_fs": [a.info["time_fs"] for a in chosen]},
-                    **optics)
+    log.info(
+        "%s: simulating %d frozen-phonon frames at t = %s fs",
+        trajectory,
+        len(chosen),
+        [a.info["time_fs"] for a in chosen],
+    )
+    stem = simulate(
+        chosen,
+        dose_e_per_A2=None,
+        source="simulated",
+        num_workers=threads,
+        progress=True,
+        provenance_extra={"trajectory": str(trajectory), "times_fs": [a.info["time_fs"] for a in chosen]},
+        **optics,
+    )
     stem.extra["n_cells"] = list(n_cells)
     io.write_4dstem(output, stem)
 
 
-def dose(input_path, output, dose_e_per_A2: float, simulated: bool, seed: int) -> None:
-    """Poisson counts at the sample's dose (simulated data) or a checked copy of a raw dataset."""
+def dose(input_path, output, dose_e_per_A2: float, simulated: bool, seed: int, averaged_cells: int = 1) -> None:
+    """The sample's dataset: Poisson counts at its dose (simulated) or a checked copy of a raw dataset.
+
+    A simulated sample stands for a scan over ``averaged_cells`` copies of the periodic MD cell,
+    averaged over equivalent positions (template matching with perfect registration). The sum of
+    N independent Poisson acquisitions of the same pattern is Poisson with N times the mean, so
+    the averaged dataset is drawn directly at ``averaged_cells * dose`` electrons per area; the
+    counts are the summed counts, ``dose_e_per_A2`` stays the dose of one acquisition.
+    """
     from .stem import add_poisson_noise
 
     stem = io.read_4dstem(input_path)
     if simulated:
+        if np.isfinite(stem.dose_e_per_A2):
+            raise InputError(
+                f"{input_path}: expected a noise-free simulation (dose_e_per_A2 = inf), "
+                f"found dose_e_per_A2 = {stem.dose_e_per_A2}"
+            )
         rng = np.random.default_rng(seed)
-        stem.data = add_poisson_noise(stem.data, dose_e_per_A2, stem.scan_step_A, rng)
+        stem.data = add_poisson_noise(stem.data, dose_e_per_A2 * averaged_cells, stem.scan_step_A, rng)
         stem.dose_e_per_A2 = float(dose_e_per_A2)
+        stem.extra["averaged_cells"] = int(averaged_cells)
+        stem.extra["intensity_unit"] = "counts"
         stem.source = "simulated"
-        stem.provenance = io.provenance(clean=str(input_path), dose_e_per_A2=dose_e_per_A2, noise_seed=seed)
+        stem.provenance = io.provenance(
+            clean=str(input_path), dose_e_per_A2=dose_e_per_A2, averaged_cells=averaged_cells, noise_seed=seed
+        )
+        log.info(
+            "%s: %.1f e/A^2 per acquisition x %d averaged cells -> %.1f counts per position",
+            output,
+            dose_e_per_A2,
+            averaged_cells,
+            float(stem.data.sum(axis=(2, 3)).mean()),
+        )
     else:
         data = stem.data
         if not np.all(np.isfinite(data)) or (data < 0).any():
             raise InputError(f"{input_path}: field 'data' must hold finite, non-negative counts")
-        measured = float(data.sum(axis=(2, 3)).mean()) / stem.scan_step_A**2
+        n_avg = int(stem.extra.get("averaged_cells", 1))
+        measured = float(data.sum(axis=(2, 3)).mean()) / stem.scan_step_A**2 / n_avg
         if not np.isclose(measured, dose_e_per_A2, rtol=0.2):
             raise InputError(
                 f"{input_path}: dose from counts is {measured:.1f} e/A^2, configured dose_e_per_A2 is {dose_e_per_A2}"
@@ -197,8 +256,14 @@ def reconstruct(input_path, output, method: str, n_cells=None) -> None:
     n_cells = stem.extra.get("n_cells", n_cells)
     ny, nx = image.shape
     io.write_image(
-        output, image, sampling, kind=f"phase_{method}", n_cells=list(n_cells),
-        cell_A=[nx * sampling, ny * sampling], dose_e_per_A2=stem.dose_e_per_A2, source=stem.source,
+        output,
+        image,
+        sampling,
+        kind=f"phase_{method}",
+        n_cells=list(n_cells),
+        cell_A=[nx * sampling, ny * sampling],
+        dose_e_per_A2=stem.dose_e_per_A2,
+        source=stem.source,
         provenance=io.provenance(stem=str(input_path), method=method),
     )
 
@@ -208,13 +273,29 @@ def reconstruct(input_path, output, method: str, n_cells=None) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def fit(image_path, table, summary, types=("Br",), window_A: float = 1.3, se_method: str = "asymptotic",
-        seed: int = 0) -> None:
+def fit(
+    image_path,
+    table,
+    summary,
+    types=("Br",),
+    window_A: float | None = None,
+    se_method: str = "asymptotic",
+    seed: int = 0,
+) -> None:
     """Elliptical Gaussian fit of the columns of an image file -> CSV table + JSON summary."""
     from .fit import fit_image_file
 
-    fit_image_file(image_path, table, summary, n_cells=None, cell_A=None, types=tuple(types), window_A=window_A,
-                   se_method=se_method, seed=seed)
+    fit_image_file(
+        image_path,
+        table,
+        summary,
+        n_cells=None,
+        cell_A=None,
+        types=tuple(types),
+        window_A=window_A,
+        se_method=se_method,
+        seed=seed,
+    )
 
 
 def figure(image_path, table, output) -> None:
@@ -228,12 +309,12 @@ def figure(image_path, table, output) -> None:
         plot_model(image, attrs["sampling_A"], df, tmp, title=f"{Path(output).stem} ({attrs['kind']})")
 
 
-def table1(fits, md_summaries, csv, md_path, html_path, columns, samples, systems, md, stem, structure,
-           method) -> None:
+def table1(fits, md_summaries, csv, md_path, html_path, columns, samples, systems, md, stem, structure, method) -> None:
     from .report import write_table1
 
-    df = write_table1(csv, md_path, html_path, columns, fits, samples, method, md_summaries, md, stem, structure,
-                      systems)
+    df = write_table1(
+        csv, md_path, html_path, columns, fits, samples, method, md_summaries, md, stem, structure, systems
+    )
     log.info("Table 1:\n%s", df[["label", "median_ellipticity", "se_median", "n_columns"]].to_string())
 
 

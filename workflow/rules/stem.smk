@@ -35,6 +35,7 @@ rule dose:
         dose_e_per_A2=lambda wc: config["samples"][wc.sample]["dose_e_per_A2"],
         simulated=lambda wc: "raw" not in config["samples"][wc.sample],
         seed=lambda wc: config["seed"] + 1000 + SAMPLES.index(wc.sample),
+        averaged_cells=config["stem"]["averaged_cells"],
     log:
         "logs/dose/{sample}.log",
     threads: 1

@@ -1,4 +1,6 @@
 from octastem import stages
 
 with stages.logged(snakemake.log[0]):
-    stages.fit(snakemake.input.image, snakemake.output.table, snakemake.output.summary, **dict(snakemake.params.items()))
+    stages.fit(
+        snakemake.input.image, snakemake.output.table, snakemake.output.summary, **dict(snakemake.params.items())
+    )

@@ -1,4 +1,9 @@
 from octastem import stages
 
 with stages.logged(snakemake.log[0]):
-    stages.md(snakemake.input.structure, snakemake.output.trajectory, threads=snakemake.threads, **dict(snakemake.params.items()))
+    stages.md(
+        snakemake.input.structure,
+        snakemake.output.trajectory,
+        threads=snakemake.threads,
+        **dict(snakemake.params.items()),
+    )

@@ -1,5 +1,9 @@
 from octastem import stages
 
 with stages.logged(snakemake.log[0]):
-    stages.reconstruct(snakemake.input.stem, snakemake.output.image, method=snakemake.wildcards.method,
-                       **dict(snakemake.params.items()))
+    stages.reconstruct(
+        snakemake.input.stem,
+        snakemake.output.image,
+        method=snakemake.wildcards.method,
+        **dict(snakemake.params.items()),
+    )

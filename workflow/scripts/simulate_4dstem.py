@@ -1,4 +1,6 @@
 from octastem import stages
 
 with stages.logged(snakemake.log[0]):
-    stages.simulate_4dstem(snakemake.input.trajectory, snakemake.output.stem, **dict(snakemake.params.items()))
+    stages.simulate_4dstem(
+        snakemake.input.trajectory, snakemake.output.stem, threads=snakemake.threads, **dict(snakemake.params.items())
+    )

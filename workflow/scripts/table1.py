@@ -1,5 +1,11 @@
 from octastem import stages
 
 with stages.logged(snakemake.log[0]):
-    stages.table1(list(snakemake.input.fits), list(snakemake.input.md), snakemake.output.csv, snakemake.output.md,
-                  snakemake.output.html, **dict(snakemake.params.items()))
+    stages.table1(
+        list(snakemake.input.fits),
+        list(snakemake.input.md),
+        snakemake.output.csv,
+        snakemake.output.md,
+        snakemake.output.html,
+        **dict(snakemake.params.items()),
+    )

@@ -1,0 +1,137 @@
+"""Projected electrostatic potential of MD snapshots along [001] (beam along z), with abTEM.
+
+The "snapshot potential" of the study: the projected potential of one MD snapshot every 50 fs,
+averaged over the snapshots. Frames of an NPT run have slightly fluctuating, nearly orthorhombic
+cells; every frame is mapped onto one common orthorhombic cell (same scaled positions) so all
+images share one grid.
+
+Image convention (whole project): images are numpy arrays (y, x); pixel (iy, ix) is the
+real-space position (x = ix * sampling, y = iy * sampling) in the periodic cell, starting at 0,
+endpoint excluded, and the image spans exactly the in-plane cell (Lx, Ly). abTEM arrays are
+(x, y) and are transposed here.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+from ase import Atoms
+
+from .io import InputError
+
+#: Largest tolerated off-diagonal cell element, as a fraction of the cell length: beyond this
+#: a frame is not "nearly orthorhombic" and mapping it onto an orthorhombic cell would shear it.
+MAX_SHEAR_FRACTION = 0.05
+
+
+def _as_frames(frames: Atoms | Sequence[Atoms], name: str = "frames") -> list[Atoms]:
+    if isinstance(frames, Atoms):
+        frames = [frames]
+    frames = list(frames)
+    if not frames:
+        raise InputError(f"{name}: no frames given (expected at least one ase.Atoms)")
+    for i, f in enumerate(frames):
+        if not isinstance(f, Atoms):
+            raise InputError(f"{name}: frame {i} is a {type(f).__name__}, expected ase.Atoms")
+        if len(f) == 0:
+            raise InputError(f"{name}: frame {i} has no atoms")
+        lengths = f.cell.lengths()
+        if np.any(lengths <= 0):
+            raise InputError(f"{name}: frame {i} has a degenerate cell {f.cell.tolist()} (need three cell vectors)")
+    return frames
+
+
+def common_cell(frames: Atoms | Sequence[Atoms]) -> np.ndarray:
+    """Mean (3, 3) cell (A) of ``frames``."""
+    frames = _as_frames(frames)
+    return np.mean([np.asarray(f.cell[:], dtype=float) for f in frames], axis=0)
+
+
+def to_common_cell(atoms: Atoms, cell: np.ndarray) -> Atoms:
+    """Copy of ``atoms`` with the same (wrapped) scaled positions in the orthorhombic cell diag(|cell_i|).
+
+    ``cell`` is a (3, 3) cell (typically :func:`common_cell`) or three lengths (A). Raises
+    InputError if ``atoms`` is far from orthorhombic (off-diagonal above 5 % of the lengths).
+    """
+    cell = np.asarray(cell, dtype=float)
+    lengths = np.linalg.norm(cell, axis=1) if cell.shape == (3, 3) else cell.reshape(3)
+    own = np.asarray(atoms.cell[:], dtype=float)
+    own_len = np.linalg.norm(own, axis=1)
+    if np.any(own_len <= 0):
+        raise InputError(f"structure: degenerate cell {own.tolist()}")
+    off = np.abs(own - np.diag(np.diag(own)))
+    if np.any(off.max(axis=1) > MAX_SHEAR_FRACTION * own_len):
+        raise InputError(
+            f"structure: cell {np.round(own, 3).tolist()} is not nearly orthorhombic (off-diagonal elements "
+            f"above {MAX_SHEAR_FRACTION:.0%} of the lengths); orient it along [001] first"
+        )
+    scaled = atoms.get_scaled_positions(wrap=False) % 1.0
+    out = atoms.copy()
+    out.calc = None
+    out.set_cell(np.diag(lengths), scale_atoms=False)
+    out.set_scaled_positions(scaled)
+    out.pbc = True
+    return out
+
+
+def grid_gpts(cell_xy_A: Sequence[float], sampling_A: float) -> tuple[int, int]:
+    """Grid points (nx, ny) with spacing at most ``sampling_A`` that span the cell exactly."""
+    if not sampling_A > 0:
+        raise InputError(f"potential: sampling_A must be positive, got {sampling_A}")
+    # the small tolerance keeps 6.0 / 0.05 at 120 points despite rounding in the division
+    return tuple(max(1, math.ceil(length / sampling_A - 1e-6)) for length in cell_xy_A)
+
+
+def common_frames(frames: Atoms | Sequence[Atoms], name: str = "frames") -> tuple[list[Atoms], np.ndarray]:
+    """All frames mapped onto their common orthorhombic cell; returns (frames, cell lengths (3,) A)."""
+    frames = _as_frames(frames, name)
+    cell = common_cell(frames)
+    lengths = np.linalg.norm(cell, axis=1)
+    return [to_common_cell(f, cell) for f in frames], lengths
+
+
+def projected_potential(
+    frames: Atoms | Sequence[Atoms],
+    sampling_A: float = 0.05,
+    slice_thickness_A: float | None = None,
+    parametrization: str = "lobato",
+    progress: bool | None = None,
+) -> tuple[np.ndarray, float, tuple[float, float]]:
+    """Frame-averaged projected potential along z (eV*A, abTEM units) of ``frames``.
+
+    Returns ``(image, sampling_A_actual, (Lx, Ly))``: ``image`` float32 (y, x) spanning the
+    common in-plane cell exactly; ``sampling_A_actual`` (A/pixel) is the mean of the x and y
+    spacings Lx/nx and Ly/ny (equal for a square cell; each at most ``sampling_A``).
+
+    ``slice_thickness_A=None`` puts the whole cell into one slice: with abTEM's infinite
+    projection integrals the projection is the sum of the atoms' projected potentials whatever
+    the slicing, so one slice gives the same image as thin slices, about 30x faster.
+    ``progress`` shows a tqdm bar over frames (default: when there are more than 10 frames).
+    """
+    import abtem
+    from tqdm.auto import tqdm
+
+    frames, lengths = common_frames(frames)
+    gpts = grid_gpts(lengths[:2], sampling_A)
+    thickness = float(lengths[2]) if slice_thickness_A is None else float(slice_thickness_A)
+    if not thickness > 0:
+        raise InputError(f"potential: slice_thickness_A must be positive, got {slice_thickness_A}")
+    if progress is None:
+        progress = len(frames) > 10
+
+    total = np.zeros(gpts, dtype=np.float64)
+    for atoms in tqdm(frames, desc="projected potential", unit="frame", disable=not progress):
+        pot = abtem.Potential(
+            atoms,
+            gpts=gpts,
+            slice_thickness=thickness,
+            parametrization=parametrization,
+            projection="infinite",
+        )
+        image = pot.project().compute(scheduler="synchronous", progress_bar=False)
+        total += np.asarray(image.array, dtype=np.float64)
+    mean = (total / len(frames)).T  # abTEM (x, y) -> (y, x)
+    sampling = 0.5 * (lengths[0] / gpts[0] + lengths[1] / gpts[1])
+    return mean.astype(np.float32), float(sampling), (float(lengths[0]), float(lengths[1]))

@@ -1,0 +1,121 @@
+"""Phase images from 4D-STEM: centre of mass (COM) and integrated COM (iCOM).
+
+For a thin phase object the COM of each diffraction pattern is the probe-intensity-weighted
+mean of the phase gradient, theta = lambda / (2 pi) * grad(phase); integrating the COM field
+gives the phase convolved with the probe intensity (Lazic et al., Ultramicroscopy 2016).
+
+Conventions: ``stem.data`` is (scan_y, scan_x, k_y, k_x); COM components are along the scan
+axes x (columns) and y (rows). ``scan_rotation_deg`` is the counter-clockwise angle that turns
+the detector axes onto the scan axes: com_scan = R(scan_rotation_deg) @ com_detector. The
+scan is treated as periodic (the whole periodic cell is scanned, or a crystal interior).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .io import InputError, Stem4D
+
+METHODS = ("icom",)
+
+
+def _axis_pair(stem: Stem4D, key_x: str, key_y: str, fallback: float) -> tuple[float, float]:
+    x = float(stem.extra.get(key_x, fallback))
+    y = float(stem.extra.get(key_y, fallback))
+    return x, y
+
+
+def validate(stem: Stem4D, name: str = "4D-STEM") -> np.ndarray:
+    """Check ``stem.data`` is a finite, non-negative 4D array with at least a 2x2 scan; return it."""
+    data = np.asarray(stem.data)
+    if data.ndim != 4:
+        raise InputError(f"{name}: field 'data' must be 4D (scan_y, scan_x, k_y, k_x), got shape {data.shape}")
+    if data.shape[0] < 2 or data.shape[1] < 2:
+        raise InputError(f"{name}: scan must be at least 2x2 positions, got {data.shape[:2]}")
+    if data.shape[2] < 2 or data.shape[3] < 2:
+        raise InputError(f"{name}: diffraction patterns must be at least 2x2 pixels, got {data.shape[2:]}")
+    if not np.all(np.isfinite(data)):
+        raise InputError(f"{name}: field 'data' contains NaN or infinite values")
+    if np.any(data < 0):
+        raise InputError(f"{name}: field 'data' contains negative intensities (expected counts >= 0)")
+    for key in ("energy_eV", "k_sampling_mrad", "scan_step_A"):
+        value = float(getattr(stem, key))
+        if not (np.isfinite(value) and value > 0):
+            raise InputError(f"{name}: attribute '{key}' must be a positive number, got {value}")
+    return data
+
+
+def center_of_mass(stem: Stem4D, origin: str = "mean") -> tuple[np.ndarray, np.ndarray]:
+    """COM deflection (mrad) per scan position: ``(com_x, com_y)``, each (scan_y, scan_x) float64.
+
+    ``origin="mean"`` measures it from the mean COM over the scan (for a periodic scan the mean
+    phase gradient is zero, so this also removes a descan or detector offset);
+    ``origin="axis"`` from the pixel (n_ky // 2, n_kx // 2), the optical axis of simulated data.
+    Empty patterns (no counts, possible at very low dose) get the origin (zero deflection).
+    Per-axis k-sampling is taken from ``extra`` (k_sampling_x_mrad, k_sampling_y_mrad) when present.
+    """
+    if origin not in ("mean", "axis"):
+        raise InputError(f"center_of_mass: origin must be 'mean' or 'axis', got {origin!r}")
+    data = validate(stem).astype(np.float64, copy=False)
+    n_ky, n_kx = data.shape[2:]
+    dkx, dky = _axis_pair(stem, "k_sampling_x_mrad", "k_sampling_y_mrad", stem.k_sampling_mrad)
+    kx = (np.arange(n_kx) - n_kx // 2) * dkx
+    ky = (np.arange(n_ky) - n_ky // 2) * dky
+    total = data.sum(axis=(2, 3))
+    empty = total <= 0
+    safe = np.where(empty, 1.0, total)
+    cx = np.einsum("abij,j->ab", data, kx) / safe
+    cy = np.einsum("abij,i->ab", data, ky) / safe
+    if origin == "mean":
+        if np.all(empty):
+            raise InputError("center_of_mass: all diffraction patterns are empty (zero counts)")
+        cx = cx - cx[~empty].mean()
+        cy = cy - cy[~empty].mean()
+    cx[empty] = 0.0
+    cy[empty] = 0.0
+    rot = np.radians(float(stem.scan_rotation_deg))
+    c, s = np.cos(rot), np.sin(rot)
+    return c * cx - s * cy, s * cx + c * cy
+
+
+def integrate_gradient(grad_x: np.ndarray, grad_y: np.ndarray, step_x: float, step_y: float) -> np.ndarray:
+    """Periodic Fourier integration of a gradient field (y, x) sampled at (step_x, step_y); zero mean.
+
+    Least-squares solution phi of grad(phi) = (grad_x, grad_y):
+    F[phi] = (kx F[gx] + ky F[gy]) / (2 pi i |k|^2), with F[phi](0) = 0.
+    """
+    ny, nx = grad_x.shape
+    kx = np.fft.fftfreq(nx, d=step_x)[None, :]
+    ky = np.fft.fftfreq(ny, d=step_y)[:, None]
+    k2 = kx**2 + ky**2
+    k2[0, 0] = 1.0
+    phi_hat = (kx * np.fft.fft2(grad_x) + ky * np.fft.fft2(grad_y)) / (2j * np.pi * k2)
+    phi_hat[0, 0] = 0.0
+    return np.real(np.fft.ifft2(phi_hat))
+
+
+def icom(stem: Stem4D, origin: str = "mean") -> tuple[np.ndarray, float]:
+    """Integrated COM phase image (rad), float32 (scan_y, scan_x) with zero mean, and its sampling (A).
+
+    The COM deflection theta (rad) is the phase gradient times lambda / (2 pi), so
+    grad(phase) = 2 pi / lambda * theta; the gradient field is integrated on the periodic scan
+    grid. Pixel (iy, ix) is scan position (x = ix * step_x, y = iy * step_y). The returned
+    sampling is the mean of step_x and step_y (``extra`` scan_step_x_A / scan_step_y_A when
+    present, else ``scan_step_A``).
+    """
+    from abtem.core.energy import energy2wavelength
+
+    com_x, com_y = center_of_mass(stem, origin=origin)
+    step_x, step_y = _axis_pair(stem, "scan_step_x_A", "scan_step_y_A", stem.scan_step_A)
+    wavelength_A = energy2wavelength(float(stem.energy_eV))
+    scale = 2.0 * np.pi / wavelength_A * 1e-3  # mrad -> rad/A of phase gradient
+    phase = integrate_gradient(scale * com_x, scale * com_y, step_x, step_y)
+    phase -= phase.mean()
+    return phase.astype(np.float32), float(0.5 * (step_x + step_y))
+
+
+def reconstruct(stem: Stem4D, method: str = "icom") -> tuple[np.ndarray, float]:
+    """Phase image (y, x) and its sampling (A) by ``method`` (one of :data:`METHODS`)."""
+    if method == "icom":
+        return icom(stem)
+    raise InputError(f"reconstruct: unknown method {method!r}; expected one of {list(METHODS)}")

@@ -1,0 +1,218 @@
+"""Elliptical Gaussian column fits (octastem.fit) on synthetic images with known parameters."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from octastem.fit import (
+    axes_to_cov,
+    column_grid,
+    cov_to_axes,
+    elliptical_gaussian,
+    fit_columns,
+    fit_image_file,
+    plot_model,
+    refine_origin,
+    summarize,
+)
+from octastem.io import InputError, write_image
+
+A = 6.0  # lattice constant, A
+HEIGHT = {"PbBr": 3.0, "Br": 1.0, "FA": 0.3}
+SIGMA = {"PbBr": 0.45, "Br": 0.45, "FA": 0.6}
+
+
+def synth(n=(3, 3), ratio=1.3, angle_deg=None, offset=(0.3, -0.2), disp=0.15, noise=0.0, s=0.1, seed=1):
+    """Periodic image of the model: Br elliptical (major axis at ``angle_deg``, or perpendicular
+    to the Pb-Br-Pb bond when None), PbBr and FA round, columns randomly displaced."""
+    rng = np.random.default_rng(seed)
+    cell = (n[0] * A, n[1] * A)
+    shape = (round(cell[1] / s), round(cell[0] / s))
+    y, x = np.mgrid[0 : shape[0], 0 : shape[1]] * s
+    img = np.full(shape, 0.1)
+    truth = column_grid(n, cell, offset)
+    truth["x"] = (truth["x"] + rng.uniform(-disp, disp, len(truth))) % cell[0]
+    truth["y"] = (truth["y"] + rng.uniform(-disp, disp, len(truth))) % cell[1]
+    angles = []
+    for r in truth.itertuples():
+        if r.type == "Br":
+            ang = angle_deg if angle_deg is not None else (90.0 if r.site == "Br_x" else 0.0)
+            rr = ratio
+        else:
+            ang, rr = 0.0, 1.0
+        angles.append(ang)
+        for kx in (-1, 0, 1):
+            for ky in (-1, 0, 1):
+                img += elliptical_gaussian(
+                    x,
+                    y,
+                    r.x + kx * cell[0],
+                    r.y + ky * cell[1],
+                    HEIGHT[r.type],
+                    SIGMA[r.type],
+                    rr,
+                    math.radians(ang),
+                )
+    truth["angle_deg"] = angles
+    if noise:
+        img += rng.normal(0.0, noise, shape)
+    return img, s, n, cell, truth
+
+
+def compare(df, truth, cell):
+    m = df.merge(truth, on=["type", "site", "i", "j"], suffixes=("", "_true"))
+    assert len(m) == len(df)
+    dx = (m["x"] - m["x_true"] + cell[0] / 2) % cell[0] - cell[0] / 2
+    dy = (m["y"] - m["y_true"] + cell[1] / 2) % cell[1] - cell[1] / 2
+    dang = (m["angle_deg"] - m["angle_deg_true"] + 90) % 180 - 90
+    return np.hypot(dx, dy), np.abs(dang)
+
+
+def test_parametrisations_agree():
+    y, x = np.mgrid[-20:21, -20:21] * 0.1
+    for major, ratio, ang in [(0.5, 1.0, 0.3), (0.5, 1.4, 1.2), (0.4, 2.0, -1.5), (0.6, 1.1, math.pi / 2)]:
+        sx, sy, rho = axes_to_cov(major, ratio, ang)
+        a, b, t = cov_to_axes(sx, sy, rho)
+        assert a == pytest.approx(major) and a / b == pytest.approx(ratio)
+        if ratio > 1:
+            assert (math.degrees(t - ang) + 90) % 180 - 90 == pytest.approx(0, abs=1e-6)
+        assert -math.pi / 2 < t <= math.pi / 2
+        g1 = elliptical_gaussian(x, y, 0.1, -0.2, 2.0, major, ratio, ang)
+        sigma_x, sigma_y, r = axes_to_cov(major, ratio, ang)
+        cov = np.array([[sigma_x**2, r * sigma_x * sigma_y], [r * sigma_x * sigma_y, sigma_y**2]])
+        d = np.stack([x - 0.1, y + 0.2], -1)
+        g2 = 2.0 * np.exp(-0.5 * np.einsum("...i,ij,...j", d, np.linalg.inv(cov), d))
+        np.testing.assert_allclose(g1, g2, atol=1e-12)
+    with pytest.raises(ValueError):
+        elliptical_gaussian(x, y, 0, 0, 1, 0.5, 0.9, 0)
+
+
+def test_column_grid():
+    g = column_grid((2, 3), (12.0, 18.0), origin_A=(-0.5, 0.25))
+    assert len(g) == 24
+    assert g["type"].value_counts().to_dict() == {"Br": 12, "PbBr": 6, "FA": 6}
+    pb = g[(g["site"] == "PbBr") & (g["i"] == 0) & (g["j"] == 0)].iloc[0]
+    assert (pb["x"], pb["y"]) == pytest.approx((11.5, 0.25))
+    brx = g[(g["site"] == "Br_x") & (g["i"] == 1) & (g["j"] == 2)].iloc[0]
+    assert (brx["x"], brx["y"]) == pytest.approx((8.5, 12.25))
+    assert g["x"].between(0, 12).all() and g["y"].between(0, 18).all()
+
+
+def test_refine_origin():
+    img, s, n, cell, _ = synth(n=(3, 3), offset=(0.35, -0.25), disp=0.1)
+    ox, oy = refine_origin(img, s, n, cell)
+    assert (ox, oy) == pytest.approx((0.35, -0.25), abs=0.05)
+
+
+@pytest.mark.parametrize("ratio", [1.0, 1.15, 1.3, 1.5])
+def test_noise_free_recovery(ratio):
+    img, s, n, cell, truth = synth(n=(3, 3), ratio=ratio)
+    df = fit_columns(img, s, n, cell, types=("Br",))
+    assert len(df) == 18 and df["success"].all()
+    assert df["ellipticity"].median() == pytest.approx(ratio, abs=0.01)
+    dpos, dang = compare(df, truth, cell)
+    assert dpos.max() < 0.02
+    if ratio >= 1.15:
+        assert dang.max() < 1.0
+        # elongation perpendicular to the Pb-Br-Pb bond
+        assert df["angle_to_bond_deg"].min() > 89.0
+    assert df.attrs["origin_A"] == pytest.approx((0.3, -0.2), abs=0.05)
+    assert df["sigma_major"].median() == pytest.approx(0.45, abs=0.01)
+
+
+def test_all_types_and_generic_angle():
+    img, s, n, cell, truth = synth(n=(2, 2), ratio=1.3, angle_deg=30.0)
+    df = fit_columns(img, s, n, cell, types=("PbBr", "Br", "FA"))
+    assert df["type"].value_counts().to_dict() == {"Br": 8, "PbBr": 4, "FA": 4}
+    med = df.groupby("type")["ellipticity"].median()
+    assert med["Br"] == pytest.approx(1.3, abs=0.01)
+    assert med["PbBr"] == pytest.approx(1.0, abs=0.01)
+    assert med["FA"] == pytest.approx(1.0, abs=0.01)
+    dpos, dang = compare(df, truth, cell)
+    assert dpos.max() < 0.02
+    assert dang[df["type"] == "Br"].max() < 1.0
+    summary = summarize(df)
+    assert summary["Br"]["n"] == 8
+    assert summary["Br"]["mean_angle_deg"] == pytest.approx(30.0, abs=1.0)
+    assert summary["PbBr"]["median_ellipticity"] == pytest.approx(1.0, abs=0.01)
+
+
+def test_moderate_noise():
+    img, s, n, cell, truth = synth(n=(4, 4), ratio=1.3, angle_deg=-40.0, noise=0.05, seed=3)
+    df = fit_columns(img, s, n, cell, types=("Br",))
+    assert df["success"].all()
+    assert df["ellipticity"].median() == pytest.approx(1.3, abs=0.03)
+    dpos, dang = compare(df, truth, cell)
+    assert np.median(dang) < 3.0
+    assert np.median(dpos) < 0.02
+    # fit uncertainties describe the scatter between equivalent columns
+    ratio_se = df["ellipticity_stderr"].median()
+    assert 0.5 < ratio_se / df["ellipticity"].std() < 2.0
+    s = summarize(df, se_method="bootstrap")
+    assert 0 < s["Br"]["se"] < 0.02 and s["Br"]["se_method"] == "bootstrap"
+
+
+def test_round_columns_noise_bias_is_small():
+    img, s, n, cell, _ = synth(n=(4, 4), ratio=1.0, noise=0.02, seed=4)
+    med = fit_columns(img, s, n, cell)["ellipticity"].median()
+    assert 1.0 < med < 1.02
+
+
+def test_round_neighbour_model():
+    img, s, n, cell, _ = synth(n=(2, 2), ratio=1.15)
+    df = fit_columns(img, s, n, cell, neighbours="round")
+    assert df["ellipticity"].median() == pytest.approx(1.15, abs=0.01)
+
+
+def test_bad_inputs():
+    img, s, n, cell, _ = synth(n=(2, 2))
+    bad = img.copy()
+    bad[3, 5] = np.nan
+    with pytest.raises(InputError, match="non-finite"):
+        fit_columns(bad, s, n, cell)
+    with pytest.raises(InputError, match="does not repeat"):
+        fit_columns(synth(n=(3, 3))[0], s, (2, 2), (18.0, 18.0))
+    with pytest.raises(InputError, match="unit-cell size"):
+        fit_columns(img, s, n, (A, A))
+    with pytest.raises(InputError, match="quarter cell"):
+        fit_columns(synth(n=(2, 2), offset=(A / 2, 0.0))[0], s, n, cell)
+    with pytest.raises(InputError, match="too small"):
+        fit_columns(img[::8, ::8], 8 * s, n, cell)
+    with pytest.raises(InputError, match="columns not found"):
+        fit_columns(np.random.default_rng(0).normal(size=img.shape), s, n, cell)
+    with pytest.raises(InputError, match="types"):
+        fit_columns(img, s, n, cell, types=("Cs",))
+
+
+def test_fit_image_file(tmp_path):
+    img, s, n, cell, _ = synth(n=(2, 2), ratio=1.2, noise=0.01)
+    path = tmp_path / "phase.h5"
+    write_image(path, img, s, "phase", n_cells=list(n), cell_A=list(cell))
+    out_csv, out_json, png = tmp_path / "fit.csv", tmp_path / "fit.json", tmp_path / "fit.png"
+    summary = fit_image_file(path, out_csv, out_json, types=("Br", "PbBr"), plot_path=png)
+    df = pd.read_csv(out_csv)
+    assert len(df) == 12 and {"ellipticity", "angle_deg", "sigma_minor", "x_stderr"} <= set(df)
+    saved = json.loads(out_json.read_text())
+    assert saved["summary"]["Br"]["median_ellipticity"] == pytest.approx(1.2, abs=0.02)
+    assert saved["summary"] == json.loads(json.dumps(summary["summary"]))
+    assert png.stat().st_size > 1000
+    assert not list(tmp_path.glob(".*.part"))
+
+    write_image(tmp_path / "nolattice.h5", img, s, "phase")
+    with pytest.raises(InputError, match="nolattice.h5.*n_cells"):
+        fit_image_file(tmp_path / "nolattice.h5", out_csv, out_json)
+    bad = img.copy()
+    bad[0, 0] = np.nan
+    write_image(tmp_path / "nan.h5", bad, s, "phase", n_cells=list(n), cell_A=list(cell))
+    with pytest.raises(InputError, match="nan.h5.*non-finite"):
+        fit_image_file(tmp_path / "nan.h5", out_csv, out_json)
+
+
+def test_plot_model(tmp_path):
+    img, s, n, cell, _ = synth(n=(2, 2))
+    df = fit_columns(img, s, n, cell)
+    plot_model(img, s, df, tmp_path / "model.png")
+    assert (tmp_path / "model.png").read_bytes()[:4] == b"\x89PNG"

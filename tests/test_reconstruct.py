@@ -1,0 +1,158 @@
+"""Centre of mass and integrated COM: exact recovery of a known phase, physics check, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from abtem.core.energy import energy2wavelength
+
+from octastem.io import InputError, Stem4D
+from octastem.potential import projected_potential
+from octastem.reconstruct import center_of_mass, icom, integrate_gradient, reconstruct
+from octastem.stem import simulate_4dstem
+from octastem.structure import build_fapbbr3
+
+ENERGY = 300e3
+K_MRAD = 0.5  # detector pixel (mrad) of the synthetic patterns
+
+
+def known_phase(ny=24, nx=30, step=0.25):
+    """A periodic phase (rad) on a (ny, nx) grid and its exact gradient (rad/A)."""
+    x = np.arange(nx) * step
+    y = np.arange(ny) * step
+    lx, ly = nx * step, ny * step
+    X, Y = np.meshgrid(x, y)
+    ax, ay = 2 * np.pi / lx, 2 * np.pi / ly
+    phase = 0.8 * np.cos(ax * X) * np.sin(2 * ay * Y) + 0.3 * np.sin(3 * ax * X + ay * Y)
+    gx = -0.8 * ax * np.sin(ax * X) * np.sin(2 * ay * Y) + 0.3 * 3 * ax * np.cos(3 * ax * X + ay * Y)
+    gy = 1.6 * ay * np.cos(ax * X) * np.cos(2 * ay * Y) + 0.3 * ay * np.cos(3 * ax * X + ay * Y)
+    return phase, gx, gy, step
+
+
+def spot_patterns(theta_x_mrad, theta_y_mrad, n_k=41, sigma_px=2.5):
+    """Gaussian spots (scan_y, scan_x, k_y, k_x) whose centre of mass is (theta_x, theta_y) mrad."""
+    k = (np.arange(n_k) - n_k // 2) * K_MRAD
+    gx = np.exp(-((k[None, None, :] - theta_x_mrad[..., None]) ** 2) / (2 * (sigma_px * K_MRAD) ** 2))
+    gy = np.exp(-((k[None, None, :] - theta_y_mrad[..., None]) ** 2) / (2 * (sigma_px * K_MRAD) ** 2))
+    return (gy[..., :, None] * gx[..., None, :]).astype(np.float32)
+
+
+def make_stem(data, step, rotation_deg=0.0):
+    return Stem4D(
+        data=data,
+        energy_eV=ENERGY,
+        semiangle_mrad=25.0,
+        scan_step_A=step,
+        k_sampling_mrad=K_MRAD,
+        dose_e_per_A2=float("inf"),
+        scan_rotation_deg=rotation_deg,
+    )
+
+
+def pearson(a, b):
+    return float(np.corrcoef(np.ravel(a), np.ravel(b))[0, 1])
+
+
+@pytest.mark.parametrize("rotation_deg", [0.0, 30.0])
+def test_icom_recovers_known_phase(rotation_deg):
+    phase, gx, gy, step = known_phase()
+    scale = energy2wavelength(ENERGY) / (2 * np.pi) * 1e3  # rad/A of phase gradient -> mrad
+    tx, ty = scale * gx, scale * gy
+    # the detector is rotated: it records R(-rotation) theta, and scan_rotation_deg undoes it
+    r = np.radians(rotation_deg)
+    dx, dy = np.cos(r) * tx + np.sin(r) * ty, -np.sin(r) * tx + np.cos(r) * ty
+    stem = make_stem(spot_patterns(dx, dy), step, rotation_deg)
+
+    com_x, com_y = center_of_mass(stem)
+    assert np.allclose(com_x, tx - tx.mean(), atol=1e-3 * np.abs(tx).max())
+    assert np.allclose(com_y, ty - ty.mean(), atol=1e-3 * np.abs(ty).max())
+
+    image, sampling = icom(stem)
+    assert image.dtype == np.float32 and image.shape == phase.shape and sampling == step
+    assert abs(image.mean()) < 1e-5
+    # the discrete Fourier integration of sampled analytic gradients is exact up to aliasing
+    # of the highest harmonic: a few per cent of the amplitude at most
+    assert pearson(image, phase) > 0.995
+    assert np.abs(image - (phase - phase.mean())).max() < 0.05 * np.abs(phase).max()
+
+
+def test_integrate_gradient_is_exact_for_spectral_gradients():
+    rng = np.random.default_rng(0)
+    ny, nx, sx, sy = 16, 20, 0.3, 0.4
+    phase = rng.normal(size=(ny, nx))
+    phase_hat = np.fft.fft2(phase)
+    phase_hat[ny // 2, :] = 0  # no Nyquist row/column: their derivative is not defined
+    phase_hat[:, nx // 2] = 0
+    phase = np.real(np.fft.ifft2(phase_hat))
+    kx = np.fft.fftfreq(nx, sx)[None, :]
+    ky = np.fft.fftfreq(ny, sy)[:, None]
+    gx = np.real(np.fft.ifft2(2j * np.pi * kx * phase_hat))
+    gy = np.real(np.fft.ifft2(2j * np.pi * ky * phase_hat))
+    assert np.allclose(integrate_gradient(gx, gy, sx, sy), phase - phase.mean(), atol=1e-10)
+
+
+def test_icom_of_thin_cell_follows_projected_potential():
+    # For a thin phase object the COM is the probe-intensity-weighted mean phase gradient, so
+    # iCOM = sigma * V_projected convolved with the probe intensity |P|^2 (Lazic et al. 2016).
+    # The reference is therefore the projected potential convolved with the simulated probe
+    # intensity (aperture-limited Airy disc), sampled at the scan positions. The 6 A cell is
+    # thin enough for the phase-object picture, and the detector reaches 4x the semi-angle
+    # so little scattered intensity is lost.
+    atoms = build_fapbbr3((1, 1, 1))
+    step, sampling, semiangle = 0.3, 0.05, 25.0
+    stem = simulate_4dstem(
+        atoms,
+        scan_step_A=step,
+        sampling_A=sampling,
+        slice_thickness_A=1.0,
+        semiangle_mrad=semiangle,
+        max_angle_mrad=100.0,
+        num_workers=2,
+    )
+    image, image_sampling = icom(stem)
+    assert image.shape == (20, 20) and image_sampling == pytest.approx(step)
+
+    potential, pot_sampling, _cell_xy = projected_potential(atoms, sampling_A=sampling)
+    ny, nx = potential.shape
+    wavelength = energy2wavelength(ENERGY)
+    k = np.hypot(np.fft.fftfreq(nx, pot_sampling)[None, :], np.fft.fftfreq(ny, pot_sampling)[:, None])
+    probe = np.fft.ifft2((k * wavelength <= semiangle * 1e-3).astype(float))
+    intensity = np.abs(probe) ** 2
+    intensity /= intensity.sum()
+    blurred = np.real(np.fft.ifft2(np.fft.fft2(potential) * np.fft.fft2(intensity)))
+    every = round(step / pot_sampling)
+    reference = blurred[::every, ::every]
+    assert reference.shape == image.shape
+    r = pearson(image, reference)
+    assert r > 0.95, r
+    # the raw (unblurred) potential still correlates, less well
+    assert pearson(image, potential[::every, ::every]) > 0.6
+    # and the brightest pixel is the Pb-Br column at the origin
+    assert np.unravel_index(np.argmax(image), image.shape) == (0, 0)
+
+
+def test_empty_patterns_count_as_undeflected():
+    data = spot_patterns(np.zeros((4, 4)), np.zeros((4, 4)))
+    data[1, 2] = 0.0
+    com_x, com_y = center_of_mass(make_stem(data, 0.3))
+    assert np.all(np.isfinite(com_x)) and com_x[1, 2] == 0.0 and com_y[1, 2] == 0.0
+
+
+def test_bad_input():
+    good = spot_patterns(np.zeros((3, 3)), np.zeros((3, 3)))
+    with pytest.raises(InputError, match="2x2"):
+        icom(make_stem(good[:1], 0.3))
+    with pytest.raises(InputError, match="4D"):
+        icom(make_stem(good[0], 0.3))
+    bad = good.copy()
+    bad[0, 0, 0, 0] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        icom(make_stem(bad, 0.3))
+    bad = good.copy()
+    bad[0, 0, 0, 0] = -1.0
+    with pytest.raises(InputError, match="negative"):
+        center_of_mass(make_stem(bad, 0.3))
+    with pytest.raises(InputError, match="unknown method"):
+        reconstruct(make_stem(good, 0.3), method="ptycho")
+    image, sampling = reconstruct(make_stem(good, 0.3), method="icom")
+    assert image.shape == (3, 3) and sampling == 0.3

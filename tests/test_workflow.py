@@ -1,0 +1,102 @@
+"""The whole DAG on a tiny config, and what Snakemake re-plans when an input changes."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "configs" / "tiny.yaml"
+
+
+def snakemake(workdir, *args, check=True):
+    cmd = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(TINY),
+        "--cores",
+        "2",
+        *args,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def planned_jobs(proc) -> dict[str, int]:
+    """Rule -> count from the 'Job stats' table of a dry run."""
+    text = proc.stdout + proc.stderr
+    jobs = {}
+    block = text.split("Job stats:")[-1] if "Job stats:" in text else ""
+    for line in block.splitlines():
+        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
+        if m and m.group(1) != "total":
+            jobs[m.group(1)] = int(m.group(2))
+    return jobs
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, reference_model_path):
+    work = tmp_path_factory.mktemp("tiny")
+    snakemake(work)
+    return work
+
+
+def test_full_dag_makes_table1(tiny_run):
+    table = pd.read_csv(tiny_run / "results/report/table1.csv")
+    assert list(table["label"]) == [
+        "Low dose (48 e/A^2) 4D-STEM",
+        "Increased dose (144 e/A^2) 4D-STEM",
+        "MD pristine",
+        "MD FABr vacancies",
+    ]
+    assert table["median_ellipticity"].between(1.0, 3.0).all()
+    assert (table["se_median"] >= 0).all() and table["se_median"].notna().all()
+    assert list(table["simulated"]) == [True, True, True, True]
+    md = (tiny_run / "results/report/table1.md").read_text()
+    assert "SIMULATED" in md and "reference_mace" in md
+    for name in ("table1", "low_dose_icom", "increased_dose_icom", "md_pristine", "md_FABr_vac1"):
+        png = tiny_run / f"results/report/figures/{name}.png"
+        assert png.stat().st_size > 5000, png
+    # nothing half-written left behind
+    assert not list((tiny_run / "results").rglob("*.part*"))
+
+
+def test_nothing_left_to_do(tiny_run):
+    assert planned_jobs(snakemake(tiny_run, "-n")) == {}
+
+
+def test_fit_change_replans_only_fit_and_report(tiny_run):
+    jobs = planned_jobs(snakemake(tiny_run, "-n", "--config", "fit={window_A: 6.5}"))
+    assert set(jobs) == {"fit_md", "fit_stem", "figure", "table1", "table1_plot", "all"}
+
+
+def test_dose_change_never_replans_md_or_multislice(tiny_run):
+    jobs = planned_jobs(
+        snakemake(tiny_run, "-n", "--config", "samples={low_dose: {dose_e_per_A2: 30.0, system: pristine}}")
+    )
+    assert {"dose", "reconstruct", "fit_stem", "table1"} <= set(jobs)
+    assert not {"structure", "md", "simulate_4dstem", "snapshot_potential", "fit_md"} & set(jobs)
+    assert jobs["dose"] == 1  # only the changed sample
+
+
+def test_bad_config_fails_before_any_job(tmp_path):
+    proc = snakemake(tmp_path, "-n", "--config", "fit={windw_A: 6.0}", check=False)
+    assert proc.returncode != 0
+    assert "windw_A" in proc.stdout + proc.stderr
+    proc = snakemake(
+        tmp_path, "-n", "--config", "samples={low_dose: {dose_e_per_A2: 48.0, system: nosuch}}", check=False
+    )
+    assert proc.returncode != 0 and "samples.low_dose.system" in proc.stdout + proc.stderr
+    assert not (tmp_path / "results").exists()
