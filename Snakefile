@@ -33,4 +33,5 @@ rule all:
         "results/report/table1.md",
         "results/report/table1.html",
         "results/report/figures/table1.png",
+        "results/report/figures/angle_vs_vacancies.png",
         expand("results/report/figures/{name}.png", name=fit_names()),

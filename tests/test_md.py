@@ -69,3 +69,26 @@ def test_frame_interval_must_be_multiple_of_step(reference_calc, tmp_path):
     _, calc = reference_calc
     with pytest.raises(InputError, match="frame_interval_fs"):
         run_npt(build_fapbbr3(), calc, tmp_path / "x.h5", timestep_fs=0.5, frame_interval_fs=0.75, progress=False)
+
+
+def test_nve_energy_conserved_and_momentum_zero(reference_calc):
+    """Velocity Verlet with the reference potential: total energy drift bounded, momentum conserved."""
+    from ase import units
+    from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
+    from ase.md.verlet import VelocityVerlet
+
+    _, calc = reference_calc
+    atoms = build_fapbbr3((1, 1, 1))
+    atoms.calc = calc
+    MaxwellBoltzmannDistribution(atoms, temperature_K=100, rng=np.random.default_rng(0))
+    Stationary(atoms)
+    e0 = atoms.get_total_energy()
+    dyn = VelocityVerlet(atoms, 0.25 * units.fs)
+    energies = []
+    for _ in range(8):
+        dyn.run(2)
+        energies.append(atoms.get_total_energy())
+    drift = np.abs(np.array(energies) - e0).max() / len(atoms)
+    assert drift < 2e-3, f"NVE energy drift {drift * 1e3:.2f} meV/atom"
+    p = atoms.get_momenta().sum(0)
+    assert np.abs(p).max() < 1e-3 * np.abs(atoms.get_momenta()).sum() / len(atoms)

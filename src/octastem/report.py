@@ -130,8 +130,9 @@ def notes_for(df: pd.DataFrame, md_summaries: list, md: dict, stem: dict, struct
         lat = s["lattice_A"]
         notes.append(
             f"{Path(path).parent.name}: T = {s['temperature_K']['mean']:.0f} ± {s['temperature_K']['std']:.0f} K, "
-            f"a/b/c = {lat['a']['mean']:.3f}/{lat['b']['mean']:.3f}/{lat['c']['mean']:.3f} A over "
-            f"{s['n_frames_analysed']} frames."
+            f"a/b/c = {lat['a']['mean']:.3f}/{lat['b']['mean']:.3f}/{lat['c']['mean']:.3f} A, mean Pb-Br-Pb "
+            f"{s['pb_br_pb_angle_deg']['mean']:.1f} deg, Br perpendicular RMS displacement "
+            f"{s['br_displacement_A']['perpendicular_rms']:.3f} A over {s['n_frames_analysed']} frames."
         )
     return notes
 

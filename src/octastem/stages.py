@@ -113,30 +113,49 @@ def md(
     )
 
 
-def md_summary(trajectory, output, start_fs: float) -> None:
-    """Mean/std temperature, energy and lattice parameters over the analysis window (JSON)."""
+def md_analysis(trajectory, output, average_structure, start_fs: float, reps, cutoff_A: float = 4.0) -> None:
+    """Temperature, energy, lattice, Pb-Br-Pb angles and Br displacements over the analysis window."""
     import h5py
+    from ase.io import write
 
+    from .analysis import analyse_frames, time_averaged_structure
+    from .md import read_frames
+
+    frames = read_frames(trajectory, start_fs=start_fs)
     with h5py.File(trajectory, "r") as f:
         t = f["time_fs"][()]
         sel = t >= start_fs - 1e-6
-        cell = f["cell"][()][sel]
         T = f["temperature_K"][()][sel]
         E = f["energy_eV"][()][sel]
         attrs = {k: io._plain(v) for k, v in f.attrs.items()}
-        n_atoms = len(f["numbers"])
-    abc = np.linalg.norm(cell, axis=2)
-    summary = {
-        "trajectory": str(trajectory),
-        "n_atoms": n_atoms,
-        "n_frames_analysed": int(sel.sum()),
-        "window_fs": [float(t[sel][0]), float(t[sel][-1])],
-        "temperature_K": {"mean": float(T.mean()), "std": float(T.std())},
-        "energy_eV": {"mean": float(E.mean()), "std": float(E.std())},
-        "lattice_A": {k: {"mean": float(abc[:, i].mean()), "std": float(abc[:, i].std())} for i, k in enumerate("abc")},
-        "settings": {k: v for k, v in attrs.items() if k != "provenance"},
-    }
-    io.write_json(output, summary)
+    result = analyse_frames(frames, tuple(reps), cutoff_A=cutoff_A)
+    result.update(
+        trajectory=str(trajectory),
+        n_atoms=len(frames[0]),
+        n_frames_analysed=len(frames),
+        window_fs=[frames[0].info["time_fs"], frames[-1].info["time_fs"]],
+        temperature_K={"mean": float(T.mean()), "std": float(T.std())},
+        energy_eV={"mean": float(E.mean()), "std": float(E.std())},
+        settings={k: v for k, v in attrs.items() if k != "provenance"},
+    )
+    log.info("%s: mean Pb-Br-Pb %.2f deg, Br perpendicular RMS %.3f A, T %.1f K", trajectory,
+             result["pb_br_pb_angle_deg"]["mean"], result["br_displacement_A"]["perpendicular_rms"],
+             result["temperature_K"]["mean"])
+    io.write_json(output, result)
+    with io.atomic_path(average_structure) as tmp:
+        write(tmp, time_averaged_structure(frames), format="extxyz")
+
+
+def md_figures(analyses, systems: dict, outputs, series_output) -> None:
+    """Per-system analysis plots and the angle-versus-vacancies figure (the study's S11)."""
+    import json
+
+    from .analysis import plot_analysis, plot_vacancy_series
+
+    results = [json.loads(Path(p).read_text()) for p in analyses]
+    for name, res, out in zip(systems, results, outputs, strict=True):
+        plot_analysis(res, out, title=f"{name}: {systems[name]} FABr vacancies")
+    plot_vacancy_series([systems[n] for n in systems], results, series_output)
 
 
 # ----------------------------------------------------------------------------------------------

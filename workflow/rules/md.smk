@@ -28,20 +28,50 @@ rule md:
         "../scripts/md.py"
 
 
-rule md_summary:
-    """Temperature, energy and lattice parameters over the analysis window of the MD run."""
+rule md_analysis:
+    """Pb-Br-Pb angles, Br displacements, lattice parameters, temperature over the analysis window."""
     input:
         trajectory="results/md/{system}/trajectory.h5",
     output:
-        summary="results/md/{system}/summary.json",
+        analysis="results/md/{system}/analysis.json",
+        average="results/md/{system}/average.extxyz",
     params:
         start_fs=analysis_start_fs(),
+        reps=config["structure"]["reps"],
     log:
-        "logs/md_summary/{system}.log",
+        "logs/md_analysis/{system}.log",
     threads: 1
     resources:
-        mem_mb=2000,
-        runtime="10m",
+        mem_mb=4000,
+        runtime="30m",
         gpu=0,
     script:
-        "../scripts/md_summary.py"
+        "../scripts/md_analysis.py"
+
+
+rule md_figures:
+    """Angle distributions and lattice parameters per system; mean angle versus vacancies (S11)."""
+    input:
+        analyses=expand("results/md/{system}/analysis.json", system=SYSTEMS),
+    output:
+        per_system=report(
+            expand("results/report/figures/md_analysis_{system}.png", system=SYSTEMS),
+            category="MD",
+            caption="../report/md_analysis.rst",
+        ),
+        series=report(
+            "results/report/figures/angle_vs_vacancies.png",
+            category="MD",
+            caption="../report/angle_vs_vacancies.rst",
+        ),
+    params:
+        systems=config["systems"],
+    log:
+        "logs/report/md_figures.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime="5m",
+        gpu=0,
+    script:
+        "../scripts/md_figures.py"

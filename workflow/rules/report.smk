@@ -15,7 +15,7 @@ rule table1:
     """Table 1 of the study: median Br ellipticity +- standard error of the median per column."""
     input:
         fits=table1_fits(),
-        md=expand("results/md/{system}/summary.json", system=SYSTEMS),
+        md=expand("results/md/{system}/analysis.json", system=SYSTEMS),
         stem=expand("results/stem/{sample}.h5", sample=SAMPLES),
     output:
         csv=report(
