@@ -16,7 +16,8 @@ def test_structure_command(tmp_path):
 def test_run_dry_run_of_paper_preset(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "octastem.cli", "run", "--paper", "--directory", str(tmp_path), "--", "-n"],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     text = proc.stdout + proc.stderr

@@ -7,6 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from octastem.crlb import crlb, pixel_grid
 from octastem.fit import (
     axes_to_cov,
     column_grid,
@@ -14,8 +15,10 @@ from octastem.fit import (
     elliptical_gaussian,
     fit_columns,
     fit_image_file,
+    model_image,
     plot_model,
     refine_origin,
+    round_baseline,
     summarize,
 )
 from octastem.io import InputError, write_image
@@ -25,9 +28,10 @@ HEIGHT = {"PbBr": 3.0, "Br": 1.0, "FA": 0.3}
 SIGMA = {"PbBr": 0.45, "Br": 0.45, "FA": 0.6}
 
 
-def synth(n=(3, 3), ratio=1.3, angle_deg=None, offset=(0.3, -0.2), disp=0.15, noise=0.0, s=0.1, seed=1):
+def synth(n=(3, 3), ratio=1.3, angle_deg=None, offset=(0.3, -0.2), disp=0.15, noise=0.0, s=0.1, seed=1, widen=1.0):
     """Periodic image of the model: Br elliptical (major axis at ``angle_deg``, or perpendicular
-    to the Pb-Br-Pb bond when None), PbBr and FA round, columns randomly displaced."""
+    to the Pb-Br-Pb bond when None), PbBr and FA round, columns randomly displaced; ``widen``
+    scales all widths (overlapping neighbours)."""
     rng = np.random.default_rng(seed)
     cell = (n[0] * A, n[1] * A)
     shape = (round(cell[1] / s), round(cell[0] / s))
@@ -52,7 +56,7 @@ def synth(n=(3, 3), ratio=1.3, angle_deg=None, offset=(0.3, -0.2), disp=0.15, no
                     r.x + kx * cell[0],
                     r.y + ky * cell[1],
                     HEIGHT[r.type],
-                    SIGMA[r.type],
+                    SIGMA[r.type] * widen,
                     rr,
                     math.radians(ang),
                 )
@@ -196,7 +200,12 @@ def test_fit_image_file(tmp_path):
     df = pd.read_csv(out_csv)
     assert len(df) == 12 and {"ellipticity", "angle_deg", "sigma_minor", "x_stderr"} <= set(df)
     saved = json.loads(out_json.read_text())
-    assert saved["summary"]["Br"]["median_ellipticity"] == pytest.approx(1.2, abs=0.02)
+    br = saved["summary"]["Br"]
+    assert br["median_ellipticity"] == pytest.approx(1.2, abs=0.02)
+    assert br["se_method"] == "asymptotic" and br["se"] == br["se_asymptotic"] and br["se_bootstrap"] > 0
+    # noise bias baseline beside the measured value: round columns at this noise stay close to 1
+    assert 1.0 <= br["baseline_median_ellipticity"] < 1.02 and br["baseline_se"] > 0
+    assert saved["baseline"]["noise_sigma"] == pytest.approx(0.01, rel=0.2)
     assert saved["summary"] == json.loads(json.dumps(summary["summary"]))
     assert png.stat().st_size > 1000
     assert not list(tmp_path.glob(".*.part"))
@@ -216,3 +225,136 @@ def test_plot_model(tmp_path):
     df = fit_columns(img, s, n, cell)
     plot_model(img, s, df, tmp_path / "model.png")
     assert (tmp_path / "model.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast path, joint fit, summary, bias baseline
+# ----------------------------------------------------------------------------------------------
+
+
+def test_fast_and_window_paths_agree_noise_free():
+    img, s, n, cell, truth = synth(n=(2, 2), ratio=1.3, angle_deg=25.0)
+    fast = fit_columns(img, s, n, cell, types=("Br", "PbBr"), method="fast")
+    ref = fit_columns(img, s, n, cell, types=("Br", "PbBr"), method="window")
+    assert fast["success"].all() and fast.attrs["method"] == "fast"
+    for typ in ("Br", "PbBr"):
+        a = fast.loc[fast["type"] == typ, "ellipticity"].median()
+        b = ref.loc[ref["type"] == typ, "ellipticity"].median()
+        assert abs(a - b) < 0.005, typ
+    dpos, dang = compare(fast, truth, cell)
+    assert dpos.max() < 0.005 and dang[fast["type"] == "Br"].max() < 0.5
+
+
+@pytest.mark.parametrize("ratio", [1.0, 1.15, 1.3, 1.5])
+def test_fast_path_overlapping_columns_high_snr(ratio):
+    # widths x1.6: neighbouring Br and PbBr columns (3 A apart) overlap at sigma = 0.72 A
+    img, s, n, cell, truth = synth(n=(4, 4), ratio=ratio, noise=0.005, seed=7, widen=1.6)
+    df = fit_columns(img, s, n, cell, types=("Br", "PbBr", "FA"), method="fast")
+    br = df[df["type"] == "Br"]
+    assert br["success"].all()
+    assert br["ellipticity"].median() == pytest.approx(ratio, abs=0.01)
+    assert br["sigma_major"].median() == pytest.approx(0.45 * 1.6, abs=0.01)
+    dpos, _ = compare(df, truth, cell)
+    assert np.median(dpos) < 0.01
+    if ratio >= 1.15:
+        s_ = summarize(df)["Br"]
+        assert s_["fraction_perpendicular"] == 1.0 and s_["median_angle_to_bond_deg"] > 85
+
+
+def test_fast_path_spread_near_crlb():
+    """Spread of the fast-path positions and widths over noise realisations vs the joint bound."""
+    noise = 0.05
+    img0, s, n, cell, truth = synth(n=(2, 2), ratio=1.3, disp=0.0)
+    clean = img0.copy()
+    rng = np.random.default_rng(21)
+    runs = []
+    for _ in range(40):
+        df = fit_columns(clean + rng.normal(0, noise, clean.shape), s, n, cell, types=("Br",), method="fast")
+        runs.append(df[["x", "y", "sigma_major"]].to_numpy())
+    sd = np.std(np.array(runs), axis=0, ddof=1)  # (8 Br columns, 3)
+    # Bound of the periodic image: the image extended by 3 A on each side (periodic copies of
+    # the pixels and columns), so that every column of the image has all its pixels and neighbours.
+    pad = 30
+    X, Y = pixel_grid((clean.shape[0] + 2 * pad, clean.shape[1] + 2 * pad), s)
+    X, Y = X - pad * s, Y - pad * s
+    cols = truth.assign(
+        height=truth["type"].map(HEIGHT),
+        sigma_major=truth["type"].map(SIGMA),
+        ratio=np.where(truth["type"] == "Br", 1.3, 1.0),
+    )
+    tiles = pd.concat(
+        [cols.assign(x=cols["x"] + kx * cell[0], y=cols["y"] + ky * cell[1]) for kx in (-1, 0, 1) for ky in (-1, 0, 1)],
+        ignore_index=True,
+    )
+    inner = (tiles["x"] > -4.5) & (tiles["x"] < cell[0] + 4.5) & (tiles["y"] > -4.5) & (tiles["y"] < cell[1] + 4.5)
+    tiles = tiles[inner].reset_index(drop=True)
+    b = crlb(X, Y, tiles, sigma=noise, background=0.1)
+    key = ["type", "site", "i", "j"]
+    central = (tiles["x"].between(0, cell[0], inclusive="left")) & (tiles["y"].between(0, cell[1], inclusive="left"))
+    bound = tiles[central][key].join(b[central])
+    m = df[key].merge(bound, on=key)
+    ratio = np.median(sd / m[["x_crlb", "y_crlb", "sigma_major_crlb"]].to_numpy(), axis=0)
+    assert np.all(np.abs(ratio - 1) < 0.2), ratio
+
+
+def test_joint_method_small_image():
+    img, s, n, cell, truth = synth(n=(2, 2), ratio=1.15, noise=0.002, seed=5)
+    df = fit_columns(img, s, n, cell, types=("Br",), method="joint")
+    assert len(df) == 8 and df["success"].all()
+    assert df["ellipticity"].median() == pytest.approx(1.15, abs=0.01)
+    dpos, _ = compare(df, truth, cell)
+    assert dpos.max() < 0.01
+
+
+def test_model_image_matches_synthetic():
+    img, s, n, cell, truth = synth(n=(2, 2), ratio=1.3, angle_deg=30.0)
+    cols = truth.assign(
+        height=truth["type"].map(HEIGHT),
+        sigma_major=truth["type"].map(SIGMA),
+        ratio=np.where(truth["type"] == "Br", 1.3, 1.0),
+    )
+    np.testing.assert_allclose(model_image(img.shape, s, cols, 0.1, reach=8.0), img, atol=1e-9)
+
+
+def test_summary_reports_both_standard_errors():
+    img, s, n, cell, _ = synth(n=(3, 3), ratio=1.3, noise=0.03, seed=9)
+    df = fit_columns(img, s, n, cell, types=("Br", "PbBr"), method="fast")
+    out = summarize(df, se_method="bootstrap", n_boot=500)
+    for typ in ("Br", "PbBr"):
+        e = out[typ]
+        assert e["se_method"] == "bootstrap" and e["se"] == e["se_bootstrap"]
+        assert 0.3 < e["se_asymptotic"] / e["se_bootstrap"] < 3
+    assert out["Br"]["fraction_perpendicular"] == 1.0
+    assert "fraction_perpendicular" not in out["PbBr"]
+
+
+def test_round_baseline_measures_noise_bias():
+    noise = 0.06
+    img, s, n, cell, _ = synth(n=(4, 4), ratio=1.0, noise=noise, seed=13)
+    df = fit_columns(img, s, n, cell, method="fast")
+    base = round_baseline(img, s, df, n, cell, seed=2)
+    assert base["noise_sigma"] == pytest.approx(noise, rel=0.1)
+    meas = summarize(df)["Br"]
+    assert base["Br"]["median_ellipticity"] > 1.005  # noise alone pushes the ratio above 1
+    combined = math.hypot(meas["se"], base["Br"]["se"])
+    assert abs(meas["median_ellipticity"] - base["Br"]["median_ellipticity"]) < 3 * combined
+
+    img, s, n, cell, _ = synth(n=(4, 4), ratio=1.3, noise=noise, seed=13)
+    df = fit_columns(img, s, n, cell, method="fast")
+    base = round_baseline(img, s, df, n, cell, seed=2)
+    meas = summarize(df)["Br"]
+    assert meas["median_ellipticity"] - base["Br"]["median_ellipticity"] > 10 * math.hypot(meas["se"], base["Br"]["se"])
+
+
+def test_fast_path_bad_inputs():
+    img, s, n, cell, _ = synth(n=(2, 2))
+    bad = img.copy()
+    bad[4, 4] = np.nan
+    with pytest.raises(InputError, match="non-finite"):
+        fit_columns(bad, s, n, cell, method="fast")
+    with pytest.raises(InputError, match="columns not found"):
+        fit_columns(np.random.default_rng(1).normal(size=img.shape), s, n, cell, method="fast")
+    with pytest.raises(InputError, match="quarter cell"):
+        fit_columns(synth(n=(2, 2), offset=(A / 2, 0.0))[0], s, n, cell, method="fast")
+    with pytest.raises(InputError, match="method"):
+        fit_columns(img, s, n, cell, method="gradient")

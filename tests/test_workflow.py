@@ -8,12 +8,26 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
 
 
-def snakemake(workdir, *args, check=True):
+def variant(workdir, name, **changes):
+    """A copy of the tiny config with top-level sections updated (nested dicts merged)."""
+    cfg = yaml.safe_load(TINY.read_text())
+    for key, value in changes.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key] = {**cfg[key], **value}
+        else:
+            cfg[key] = value
+    path = Path(workdir) / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+def snakemake(workdir, *args, check=True, configfile=TINY):
     cmd = [
         sys.executable,
         "-m",
@@ -23,7 +37,7 @@ def snakemake(workdir, *args, check=True):
         "--directory",
         str(workdir),
         "--configfile",
-        str(TINY),
+        str(configfile),
         "--cores",
         "2",
         *args,
@@ -78,25 +92,70 @@ def test_nothing_left_to_do(tiny_run):
 
 
 def test_fit_change_replans_only_fit_and_report(tiny_run):
-    jobs = planned_jobs(snakemake(tiny_run, "-n", "--config", "fit={window_A: 6.5}"))
+    cfg = variant(tiny_run, "fit_window", fit={"window_A": 6.5})
+    jobs = planned_jobs(snakemake(tiny_run, "-n", configfile=cfg))
     assert set(jobs) == {"fit_md", "fit_stem", "figure", "table1", "table1_plot", "all"}
 
 
 def test_dose_change_never_replans_md_or_multislice(tiny_run):
-    jobs = planned_jobs(
-        snakemake(tiny_run, "-n", "--config", "samples={low_dose: {dose_e_per_A2: 30.0, system: pristine}}")
-    )
+    cfg = variant(tiny_run, "dose", samples={"low_dose": {"dose_e_per_A2": 30.0, "system": "pristine"}})
+    jobs = planned_jobs(snakemake(tiny_run, "-n", configfile=cfg))
     assert {"dose", "reconstruct", "fit_stem", "table1"} <= set(jobs)
     assert not {"structure", "md", "simulate_4dstem", "snapshot_potential", "fit_md"} & set(jobs)
     assert jobs["dose"] == 1  # only the changed sample
 
 
 def test_bad_config_fails_before_any_job(tmp_path):
-    proc = snakemake(tmp_path, "-n", "--config", "fit={windw_A: 6.0}", check=False)
+    proc = snakemake(tmp_path, "-n", check=False, configfile=variant(tmp_path, "typo", fit={"windw_A": 6.0}))
     assert proc.returncode != 0
     assert "windw_A" in proc.stdout + proc.stderr
-    proc = snakemake(
-        tmp_path, "-n", "--config", "samples={low_dose: {dose_e_per_A2: 48.0, system: nosuch}}", check=False
-    )
+    bad = variant(tmp_path, "nosuch", samples={"low_dose": {"dose_e_per_A2": 48.0, "system": "nosuch"}})
+    proc = snakemake(tmp_path, "-n", check=False, configfile=bad)
     assert proc.returncode != 0 and "samples.low_dose.system" in proc.stdout + proc.stderr
-    assert not (tmp_path / "results").exists()
+    assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
+
+
+def test_raw_dataset_through_ingest_and_average(tiny_run):
+    """A measured-style dataset (.npy, a scan over 4x4 copies of the cell, Poisson counts) enters
+    through ingest, is template-matching averaged back onto the cell and reaches Table 1."""
+    import json
+
+    import numpy as np
+
+    from octastem.io import read_4dstem
+
+    clean = read_4dstem(tiny_run / "results/stem/clean/pristine.h5")
+    dose = 2000.0
+    step = clean.scan_step_A
+    rng = np.random.default_rng(7)
+    tiled = np.tile(clean.data, (4, 4, 1, 1))
+    counts = rng.poisson(tiled * dose * step**2).astype(np.uint16)
+    np.save(tiny_run / "measured.npy", counts)
+    cal = {
+        "energy_eV": clean.energy_eV,
+        "semiangle_mrad": clean.semiangle_mrad,
+        "scan_step_A": step,
+        "k_sampling_mrad": clean.k_sampling_mrad,
+        "scan_rotation_deg": 0.0,
+    }
+    sample = {"dose_e_per_A2": dose, "raw": {"path": "measured.npy", "calibration": cal}}
+    columns = [
+        {"label": "Measured", "sample": "measured"},
+        {"label": "MD pristine", "system": "pristine"},
+    ]
+    cfg = variant(
+        tiny_run,
+        "measured",
+        samples={"measured": sample},
+        table1=columns,
+        average={"cell_shape": [30, 30], "supercell": [2, 2]},
+    )
+    snakemake(tiny_run, configfile=cfg)
+    table = pd.read_csv(tiny_run / "results/report/table1.csv")
+    row = table.set_index("label").loc["Measured"]
+    assert not row["simulated"] and row["origin"] == "measured.npy"
+    assert 1.0 <= row["median_ellipticity"] < 2.0 and np.isfinite(row["se_median"])
+    averaged = json.loads((tiny_run / "results/stem/averaged/measured.json").read_text())
+    assert averaged  # the averaging summary records the lattice and the contributions per bin
+    ingested = json.loads((tiny_run / "results/stem/raw/measured.json").read_text())
+    assert ingested

@@ -51,8 +51,9 @@ def br_geometry(atoms: Atoms, cutoff_A: float = 4.0) -> BrGeometry:
     return BrGeometry(angle, par, perp, br[two], axis)
 
 
-def analyse_frames(frames: list[Atoms], reps: tuple[int, int, int], cutoff_A: float = 4.0,
-                   bins_deg: np.ndarray | None = None) -> dict:
+def analyse_frames(
+    frames: list[Atoms], reps: tuple[int, int, int], cutoff_A: float = 4.0, bins_deg: np.ndarray | None = None
+) -> dict:
     """Angle distribution, displacement statistics and lattice parameters over ``frames``."""
     if not frames:
         raise InputError("analysis: no frames to analyse")

@@ -26,6 +26,13 @@ at ratio 1 and no sigma_x/sigma_y swap ambiguity; the reported (sigma_major, sig
 angle) are the eigen-decomposition of that covariance, with ``ellipticity = sigma_major /
 sigma_minor >= 1`` and the angle of the major axis from +x in (-90, 90] degrees. Their standard
 errors are propagated from the lmfit covariance matrix (delta method).
+
+Paths (``fit_columns(method=...)``): "window" (above, lmfit per column, the reference), "joint"
+(lmfit on all columns and the background at once, small images) and "fast" (batched
+Levenberg-Marquardt on all windows with neighbour subtraction sweeps and a global linear re-solve
+of heights and background; thousands of columns per second). :func:`round_baseline` measures the
+ellipticity that noise alone produces for round columns; :mod:`octastem.crlb` gives the
+Cramér-Rao bounds of the fitted parameters.
 """
 
 from __future__ import annotations
@@ -155,6 +162,27 @@ def _gauss_cov(X, Y, x0, y0, h, sx, sy, rho, jac: bool = False):
     d_sy = g * (b * b - rho * u) / (sy * om)
     d_rho = g * (u - rho * q) / om
     return g, (d_x0, d_y0, e, d_sx, d_sy, d_rho)
+
+
+def _gauss_values(X, Y, p):
+    """Values only of the Gaussians with rows ``p`` = (x0, y0, h, sx, sy, rho, ...) (n, >= 6) at
+    (X, Y) (n, P): the quadratic form with precomputed coefficients, in place."""
+    x0, y0, h, sx, sy, rho = (p[:, c, None] for c in range(6))
+    om = 1.0 - rho * rho
+    cxx, cyy, cxy = -0.5 / (sx * sx * om), -0.5 / (sy * sy * om), rho / (sx * sy * om)
+    dx = X - x0
+    dy = Y - y0
+    q = dx * dx
+    q *= cxx
+    dx *= dy
+    dx *= cxy
+    q += dx
+    dy *= dy
+    dy *= cyy
+    q += dy
+    np.exp(q, out=q)
+    q *= h
+    return q
 
 
 def _gauss_round(X, Y, x0, y0, h, s, jac: bool = False):
@@ -531,6 +559,472 @@ def _row_from_result(res, target, n_pixels, smin, smax, dpos):
     }
 
 
+def _axes_stderr_vec(sx, sy, rho, cov3):
+    """Vectorised :func:`_axes_stderr`: ``cov3`` (n, 3, 3) -> arrays of SEs of (sigma_major, ratio, angle_deg)."""
+    p0 = np.stack([np.asarray(sx, float), np.asarray(sy, float), np.asarray(rho, float)], axis=1)
+    n = p0.shape[0]
+    if n == 0:
+        return np.empty(0), np.empty(0), np.empty(0)
+
+    def f(p):
+        major, minor, ang = cov_to_axes(p[:, 0], p[:, 1], p[:, 2])
+        with np.errstate(divide="ignore", invalid="ignore"):
+            return np.stack([major, major / minor, np.degrees(ang)], axis=1)
+
+    grad = np.empty((n, 3, 3))
+    for c in range(3):
+        step = 1e-6 * np.maximum(np.abs(p0[:, c]), 1e-3)
+        hi, lo = p0.copy(), p0.copy()
+        hi[:, c] += step
+        lo[:, c] -= step
+        diff = f(hi) - f(lo)
+        diff[:, 2] = (diff[:, 2] + 90.0) % 180.0 - 90.0
+        grad[:, :, c] = diff / (2 * step[:, None])
+    var = np.einsum("nij,njk,nik->ni", grad, cov3, grad)
+    with np.errstate(invalid="ignore"):
+        se = np.where(var >= 0, np.sqrt(np.abs(var)), np.nan)
+    se[~np.all(np.isfinite(cov3), axis=(1, 2))] = np.nan
+    return se[:, 0], se[:, 1], se[:, 2]
+
+
+def _rows_from_arrays(p, cov, guess_xy, success, nfev, redchi, n_pixels, smin, smax, dpos):
+    """Result rows (dict of arrays, keys of ``RESULT_COLUMNS``) from fitted (x0, y0, h, sx, sy, rho, b)
+    arrays ``p`` (n, 7) and their covariance ``cov`` (n, 7, 7) (NaN where unavailable)."""
+    x0, y0, h, sx, sy, rho, b = (p[:, k] for k in range(7))
+    major, minor, ang = cov_to_axes(sx, sy, rho)
+    se_major, se_ratio, se_angle = _axes_stderr_vec(sx, sy, rho, cov[:, 3:6, 3:6])
+    with np.errstate(invalid="ignore"):
+        se = np.sqrt(np.diagonal(cov, axis1=1, axis2=2))
+    tol = 1e-3 * (smax - smin)
+    at_bound = (
+        (np.minimum(sx - smin, smax - sx) < tol)
+        | (np.minimum(sy - smin, smax - sy) < tol)
+        | (np.abs(np.abs(rho) - _RHO_MAX) < 1e-4)
+    )
+    moved = np.maximum(np.abs(x0 - guess_xy[:, 0]), np.abs(y0 - guess_xy[:, 1])) > 0.99 * dpos
+    flag = np.where(
+        ~success,
+        "not_converged",
+        np.where(
+            h <= 0,
+            "no_peak",
+            np.where(
+                at_bound,
+                "shape_at_bound",
+                np.where(moved, "position_at_bound", np.where(np.isfinite(se[:, 0]), "ok", "no_errorbars")),
+            ),
+        ),
+    )
+    with np.errstate(divide="ignore"):
+        ellipticity = np.where(minor > 0, major / np.where(minor > 0, minor, 1.0), np.inf)
+    return {
+        "x": x0,
+        "y": y0,
+        "height": h,
+        "sigma_major": major,
+        "sigma_minor": minor,
+        "angle_deg": np.degrees(ang),
+        "ellipticity": ellipticity,
+        "x_stderr": se[:, 0],
+        "y_stderr": se[:, 1],
+        "sigma_major_stderr": se_major,
+        "ellipticity_stderr": se_ratio,
+        "angle_deg_stderr": se_angle,
+        "background": b,
+        "success": flag == "ok",
+        "flag": flag,
+        "redchi": np.asarray(redchi, float),
+        "nfev": np.asarray(nfev, int),
+        "n_pixels": np.asarray(n_pixels, int),
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Joint fit of all columns (small images)
+# ----------------------------------------------------------------------------------------------
+
+
+def _wrap(X, x0, period):
+    """``X`` moved by whole periods to lie within half a period of ``x0`` (no-op without a period)."""
+    if period is None:
+        return X
+    return x0 + (X - x0 + 0.5 * period) % period - 0.5 * period
+
+
+def fit_joint(
+    image,
+    sampling_A,
+    columns,
+    background=None,
+    period=None,
+    weights=None,
+    dpos=None,
+    width_bounds=None,
+):
+    """Joint least-squares fit of elliptical Gaussians at all ``columns`` plus a constant background.
+
+    ``columns``: table (DataFrame or list of dicts) of initial values x, y (A), height,
+    sigma_major and optionally ratio (>= 1) and angle_deg (or sigma_x, sigma_y, rho).
+    ``background``: initial background (default: 10th percentile of the image). ``period``:
+    (Lx, Ly) of a periodic image (columns then wrap around), or None. ``weights``: per-pixel
+    weights 1/sd (same shape as the image; e.g. ``1/sqrt(counts)`` for Poisson data), or None.
+    ``dpos``: positions may move at most this far (A) from their initial values (None: free).
+    ``width_bounds``: (min, max) of sigma_x and sigma_y (default: (0.3 px, inf)).
+
+    All parameters are estimated together by lmfit (Levenberg-Marquardt with the analytic
+    Jacobian), so this is the maximum-likelihood estimate for Gaussian noise. Returns one row per
+    column (x, y, height, sigma_major, sigma_minor, ellipticity, angle_deg, sigma_x, sigma_y, rho,
+    their standard errors and a flag); ``df.attrs`` holds background, background_stderr, redchi,
+    nfev and success.
+    """
+    img = np.asarray(image, dtype=float)
+    if img.ndim != 2 or not np.all(np.isfinite(img)):
+        raise InputError("image: expected a finite 2D array (y, x)")
+    s = float(sampling_A)
+    cols = pd.DataFrame(columns).reset_index(drop=True)
+    if len(cols) == 0:
+        raise InputError("fit_joint: no columns to fit")
+    if "sigma_x" not in cols:
+        if "sigma_major" not in cols:
+            raise InputError("fit_joint: columns need sigma_major (or sigma_x, sigma_y, rho) initial widths")
+        ratio = cols["ratio"] if "ratio" in cols else pd.Series(1.0, index=cols.index)
+        angle = cols["angle_deg"] if "angle_deg" in cols else pd.Series(0.0, index=cols.index)
+        cov = [axes_to_cov(m, r, math.radians(t)) for m, r, t in zip(cols["sigma_major"], ratio, angle)]
+        cols["sigma_x"], cols["sigma_y"], cols["rho"] = (np.array([c[k] for c in cov]) for k in range(3))
+    ny, nx = img.shape
+    Y, X = (v.ravel() * s for v in np.mgrid[0:ny, 0:nx])
+    data = img.ravel()
+    w = None if weights is None else np.asarray(weights, dtype=float).ravel()
+    if w is not None and (w.shape != data.shape or not np.all(np.isfinite(w)) or np.any(w < 0)):
+        raise InputError("fit_joint: weights must be finite, >= 0 and of the image's shape")
+    px, py = (None, None) if period is None else (float(period[0]), float(period[1]))
+    smin, smax = (0.3 * s, np.inf) if width_bounds is None else (float(width_bounds[0]), float(width_bounds[1]))
+    bg0 = float(np.percentile(data, 10)) if background is None else float(background)
+    if "height" not in cols:
+        raise InputError("fit_joint: columns need initial heights")
+
+    p = lmfit.Parameters()
+    for k, r in enumerate(cols.itertuples(index=False)):
+        dp = np.inf if dpos is None else float(dpos)
+        p.add(f"c{k}_x", value=r.x, min=r.x - dp, max=r.x + dp)
+        p.add(f"c{k}_y", value=r.y, min=r.y - dp, max=r.y + dp)
+        p.add(f"c{k}_h", value=max(float(r.height), 1e-12))
+        p.add(f"c{k}_sx", value=float(np.clip(r.sigma_x, 1.01 * smin, 0.99 * smax)), min=smin, max=smax)
+        p.add(f"c{k}_sy", value=float(np.clip(r.sigma_y, 1.01 * smin, 0.99 * smax)), min=smin, max=smax)
+        p.add(f"c{k}_rho", value=float(np.clip(r.rho, -0.9, 0.9)), min=-_RHO_MAX, max=_RHO_MAX)
+    p.add("b0", value=bg0)
+    K = len(cols)
+    names = list(p.keys())
+
+    def unpack(params):
+        v = np.array([params[n].value for n in names])
+        return v[:-1].reshape(K, 6), v[-1]
+
+    def model_jac(params, jac):
+        cp, b = unpack(params)
+        m = np.full(X.size, b)
+        J = np.empty((X.size, 6 * K + 1)) if jac else None
+        for k in range(K):
+            Xk, Yk = _wrap(X, cp[k, 0], px), _wrap(Y, cp[k, 1], py)
+            out = _gauss_cov(Xk, Yk, *cp[k], jac=jac)
+            if jac:
+                g, d = out
+                for c in range(6):
+                    J[:, 6 * k + c] = d[c]
+            else:
+                g = out
+            m += g
+        if jac:
+            J[:, -1] = 1.0
+        return m, J
+
+    def residual(params):
+        r = model_jac(params, False)[0] - data
+        return r if w is None else r * w
+
+    def jacobian(params):
+        J = model_jac(params, True)[1]
+        return J if w is None else J * w[:, None]
+
+    mini = lmfit.Minimizer(residual, p)
+    res = mini.minimize(method="leastsq", Dfun=jacobian, col_deriv=0)
+    if list(res.var_names) != names:  # pragma: no cover - guards the Jacobian column order
+        raise RuntimeError("parameter order of the joint model changed")
+    cp, b = unpack(res.params)
+    par = np.column_stack([cp, np.full(K, b)])
+    cov = np.full((K, 7, 7), np.nan)
+    if res.covar is not None:
+        for k in range(K):
+            idx = [6 * k + c for c in range(6)] + [6 * K]
+            cov[k] = res.covar[np.ix_(idx, idx)]
+    guess_xy = cols[["x", "y"]].to_numpy(dtype=float)
+    rows = _rows_from_arrays(
+        par,
+        cov,
+        guess_xy,
+        np.full(K, bool(res.success)),
+        np.full(K, res.nfev),
+        np.full(K, res.redchi),
+        np.full(K, X.size),
+        smin,
+        smax if np.isfinite(smax) else 1e300,
+        dpos if dpos else np.inf,
+    )
+    df = pd.DataFrame(rows)
+    if px is not None:
+        df["x"] = df["x"] % px
+        df["y"] = df["y"] % py
+    df["sigma_x"], df["sigma_y"], df["rho"] = cp[:, 3], cp[:, 4], cp[:, 5]
+    bse = res.params["b0"].stderr
+    df.attrs.update(
+        background=float(b),
+        background_stderr=float(bse) if bse is not None else math.nan,
+        redchi=float(res.redchi),
+        nfev=int(res.nfev),
+        success=bool(res.success),
+    )
+    return df
+
+
+# ----------------------------------------------------------------------------------------------
+# Fast path: batched Levenberg-Marquardt on all windows at once, with neighbour subtraction
+# ----------------------------------------------------------------------------------------------
+
+#: Pixel cap of one window in the fast path (windows are subsampled on a regular stride above it).
+_FAST_MAX_PIXELS = 1500
+
+
+def _stencil(radius_px, stride=1):
+    """Integer pixel offsets (di, dj) within ``radius_px`` of the origin, on a regular ``stride``."""
+    r = int(math.ceil(radius_px))
+    r -= r % stride
+    dj, di = np.mgrid[-r : r + 1 : stride, -r : r + 1 : stride]
+    m = di * di + dj * dj <= radius_px * radius_px
+    return di[m], dj[m]
+
+
+def _gather(shape, s, ax_, ay_, di, dj):
+    """Unwrapped coordinates (X, Y) (n, P) and wrapped linear pixel indices of stencils anchored at
+    the integer pixels (ax_, ay_)."""
+    ny, nx = shape
+    IX = ax_[:, None] + di[None, :]
+    IY = ay_[:, None] + dj[None, :]
+    return IX * s, IY * s, (IY % ny) * nx + IX % nx
+
+
+def _moment_guess_batch(img, smooth, s, x, y, a):
+    """Vectorised :func:`_moment_guess` for all columns at once: dict of arrays."""
+    shape = img.shape
+    n = len(x)
+    ax_, ay_ = np.rint(np.asarray(x) / s).astype(int), np.rint(np.asarray(y) / s).astype(int)
+    di, dj = _stencil(max(0.15 * a, 1.5 * s) / s)
+    _, _, L = _gather(shape, s, ax_, ay_, di, dj)
+    V = smooth.ravel()[L]
+    k = np.argmax(V, axis=1)
+    mx, my = ax_ + di[k], ay_ + dj[k]
+    vmax = V[np.arange(n), k]
+    r_bg = 0.5 * a / s
+    di, dj = _stencil(r_bg, max(1, int(r_bg // 20)))
+    _, _, L = _gather(shape, s, mx, my, di, dj)
+    bg = np.percentile(img.ravel()[L], 10, axis=1)
+    h = vmax - bg
+    di, dj = _stencil(0.3 * a / s)
+    X2, Y2, L = _gather(shape, s, mx, my, di, dj)
+    V2 = img.ravel()[L]
+    half = (bg + 0.5 * h)[:, None]
+    inside = V2 > half
+    cnt = inside.sum(1)
+    w = np.where(inside, V2 - half, 0.0)
+    ws = w.sum(1)
+    safe = np.where(ws > 0, ws, 1.0)
+    x0 = np.where(ws > 0, (w * X2).sum(1) / safe, mx * s)
+    y0 = np.where(ws > 0, (w * Y2).sum(1) / safe, my * s)
+    near = (X2 - x0[:, None]) ** 2 + (Y2 - y0[:, None]) ** 2 <= max(s * s, (0.05 * a) ** 2)
+    nn = near.sum(1)
+    hnear = np.where(nn > 0, np.where(near, V2, 0.0).sum(1) / np.maximum(nn, 1) - bg, h)
+    h = np.maximum(h, hnear)
+    c = np.maximum(cnt, 1)
+    mxi = np.where(inside, X2, 0.0).sum(1) / c
+    myi = np.where(inside, Y2, 0.0).sum(1) / c
+    dxi = np.where(inside, X2 - mxi[:, None], 0.0)
+    dyi = np.where(inside, Y2 - myi[:, None], 0.0)
+    f = 2.0 / math.log(2.0)
+    smin, smax = 0.5 * s, 0.2 * a
+    sx = np.clip(np.sqrt(np.maximum(f * ((dxi * dxi).sum(1) / c - s * s / 12), 0.0)), smin, smax)
+    sy = np.clip(np.sqrt(np.maximum(f * ((dyi * dyi).sum(1) / c - s * s / 12), 0.0)), smin, smax)
+    rho = np.clip(f * (dxi * dyi).sum(1) / c / (sx * sy), -0.8, 0.8)
+    poor = (h <= 0) | (cnt < 3)
+    sig = max(0.07 * a, smin)
+    return {
+        "x": np.where(poor, mx * s, x0),
+        "y": np.where(poor, my * s, y0),
+        "h": np.where(poor, np.maximum(h, 0.0), h),
+        "bg": bg,
+        "sx": np.where(poor, sig, sx),
+        "sy": np.where(poor, sig, sy),
+        "rho": np.where(poor, 0.0, rho),
+    }
+
+
+def _lm_batch(X, Y, T, p, lo, hi, max_iter=40, tol=1e-9):
+    """Levenberg-Marquardt on a batch of independent windows: model = elliptical Gaussian
+    (x0, y0, h, sx, sy, rho) + constant b, data ``T`` (n, P) at (X, Y); ``p`` (n, 7) initial values,
+    clipped to [lo, hi] (projected steps). Returns (p, cost, J^T J, converged, iterations)."""
+    n, P = T.shape
+    eye = np.eye(7)
+    ones = np.ones_like(T)
+
+    def evaluate(q, jac):
+        if not jac:
+            g = _gauss_values(X, Y, q)
+            g += q[:, 6, None] - T
+            return g, None
+        g, d = _gauss_cov(X, Y, *(q[:, c, None] for c in range(6)), jac=True)
+        return g + q[:, 6, None] - T, np.stack(d + (ones,), axis=1)
+
+    p = np.clip(p, lo, hi)
+    r, J = evaluate(p, True)
+    cost = np.einsum("np,np->n", r, r)
+    lam = np.full(n, 1e-3)
+    converged = np.zeros(n, dtype=bool)
+    it = 0
+    while it < max_iter:
+        it += 1
+        A = J @ J.transpose(0, 2, 1)
+        grad = (J @ r[:, :, None])[:, :, 0]
+        diag = np.diagonal(A, axis1=1, axis2=2)
+        scale = np.maximum(diag, 1e-12 * diag.max(axis=1, keepdims=True) + 1e-300)
+        M = A + (lam[:, None] * scale)[:, :, None] * eye
+        step = -np.linalg.solve(M, grad[:, :, None])[:, :, 0]
+        q = np.clip(p + step, lo, hi)
+        rq, _ = evaluate(q, False)
+        cq = np.einsum("np,np->n", rq, rq)
+        better = (cq < cost) & ~converged
+        rel = (cost - cq) / np.maximum(cost, 1e-300)
+        small_step = np.all(np.abs(q - p) <= 1e-9 * (np.abs(p) + 1e-6), axis=1)
+        converged |= (better & (rel < tol)) | small_step | (lam > 1e8)
+        p = np.where(better[:, None], q, p)
+        cost = np.where(better, cq, cost)
+        lam = np.where(better, np.maximum(lam / 3.0, 1e-7), lam * 4.0)
+        if converged.all():
+            break
+        if better.all():
+            r, J = evaluate(p, True)
+        elif better.any():
+            sel = np.nonzero(better)[0]
+            g, d = _gauss_cov(X[sel], Y[sel], *(p[sel, c, None] for c in range(6)), jac=True)
+            r[sel] = g + p[sel, 6, None] - T[sel]
+            J[sel] = np.stack(d + (ones[sel],), axis=1)
+    r, J = evaluate(p, True)
+    return p, np.einsum("np,np->n", r, r), J @ J.transpose(0, 2, 1), converged, it
+
+
+def _linear_resolve(img, p, G, X, Y, L):
+    """Global linear least squares of all heights and a constant background with positions and
+    shapes ``p`` fixed; ``G``: the columns rendered on their stencils (X, Y, L). Returns
+    (heights, background, unit-height Gaussians on the stencils)."""
+    from scipy import sparse
+    from scipy.sparse.linalg import spsolve
+
+    n = p.shape[0]
+    h = p[:, 2]
+    g = G / np.where(h > 0, h, 1.0)[:, None]
+    flat = np.nonzero(~(h > 0))[0]
+    if flat.size:
+        unit = p[flat].copy()
+        unit[:, 2] = 1.0
+        g[flat] = _gauss_values(X[flat], Y[flat], unit)
+    npix = img.size
+    A = sparse.csr_matrix((g.ravel(), (L.ravel(), np.repeat(np.arange(n), L.shape[1]))), shape=(npix, n))
+    AtA = (A.T @ A).tocsr()
+    colsum = np.asarray(A.sum(axis=0)).ravel()
+    M = sparse.bmat([[AtA, colsum[:, None]], [colsum[None, :], np.array([[float(npix)]])]], format="csc")
+    data = img.ravel()
+    rhs = np.concatenate([A.T @ data, [data.sum()]])
+    sol = spsolve(M, rhs)
+    return sol[:n], float(sol[n]), g
+
+
+def _fit_fast(img, s, grid, period, a, radius, max_pixels, n_sweeps=3):
+    """Fit all columns of ``grid``: StatSTEM-style sweeps (sites in turn, each site's columns fitted
+    at once with all other columns subtracted) alternating with a global linear re-solve of the
+    heights and background. Returns (p (n, 7), cov (n, 7, 7), guess positions, converged, nfev,
+    redchi, n_pixels)."""
+    shape = img.shape
+    smooth = ndimage.uniform_filter(img, size=3, mode="wrap")
+    g = _moment_guess_batch(img, smooth, s, grid["x"].to_numpy(), grid["y"].to_numpy(), a)
+    n = len(grid)
+    smin, smax = 0.3 * s, 0.25 * a
+    dpos = _DPOS_FRAC * a
+    sx = np.clip(g["sx"], 1.05 * smin, 0.95 * smax)
+    sy = np.clip(g["sy"], 1.05 * smin, 0.95 * smax)
+    p = np.column_stack([g["x"], g["y"], np.maximum(g["h"], 1e-12), sx, sy, g["rho"], g["bg"]])
+    guess_xy = p[:, :2].copy()
+    lo = np.column_stack(
+        [guess_xy - dpos, np.zeros(n), np.full(n, smin), np.full(n, smin), np.full(n, -_RHO_MAX), np.full(n, -np.inf)]
+    )
+    hi = np.column_stack(
+        [
+            guess_xy + dpos,
+            np.full(n, np.inf),
+            np.full(n, smax),
+            np.full(n, smax),
+            np.full(n, _RHO_MAX),
+            np.full(n, np.inf),
+        ]
+    )
+    ax_, ay_ = np.rint(guess_xy[:, 0] / s).astype(int), np.rint(guess_xy[:, 1] / s).astype(int)
+    r_px = radius / s
+    stride = max(1, math.ceil(math.sqrt(math.pi * r_px * r_px / max_pixels))) if max_pixels else 1
+    fdi, fdj = _stencil(r_px, stride)
+    # Neighbours are subtracted out to 4.5 major widths (the largest initial one), at least over
+    # the fit window.
+    major0 = float(np.max(cov_to_axes(sx, sy, g["rho"])[0]))
+    r_render = max(radius + 1.5 * s, min(4.5 * max(major0, 0.05 * a), 0.75 * a))
+    rdi, rdj = _stencil(r_render / s)
+    Xr, Yr, Lr = _gather(shape, s, ax_, ay_, rdi, rdj)
+    npix = shape[0] * shape[1]
+    Xf, Yf, Lf = _gather(shape, s, ax_, ay_, fdi, fdj)
+    D = img.ravel()[Lf]
+    sites = grid["site"].to_numpy()
+    groups = [np.nonzero(sites == site)[0] for site, *_ in SITES]
+    groups = [gr for gr in groups if gr.size]
+    converged = np.zeros(n, dtype=bool)
+    nfev = np.zeros(n, dtype=int)
+    A_all = np.full((n, 7, 7), np.nan)
+    cost_all = np.zeros(n)
+    G = _gauss_values(Xr, Yr, p)  # rendered columns (n, render pixels)
+    full = np.bincount(Lr.ravel(), weights=G.ravel(), minlength=npix)
+    for sweep in range(n_sweeps):
+        for gr in groups:
+            own = _gauss_values(Xf[gr], Yf[gr], p[gr])
+            T = D[gr] - (full[Lf[gr]] - own)
+            pg, cost, A, conv, it = _lm_batch(Xf[gr], Yf[gr], T, p[gr].copy(), lo[gr], hi[gr])
+            p[gr] = pg
+            converged[gr], nfev[gr], A_all[gr], cost_all[gr] = conv, nfev[gr] + it, A, cost
+            Gg = _gauss_values(Xr[gr], Yr[gr], p[gr])
+            full += np.bincount(Lr[gr].ravel(), weights=(Gg - G[gr]).ravel(), minlength=npix)
+            G[gr] = Gg
+        if sweep < n_sweeps - 1:
+            heights, bg, unit = _linear_resolve(img, p, G, Xr, Yr, Lr)
+            p[:, 2] = np.clip(heights, 0.0, None)
+            p[:, 6] = bg
+            G = unit * p[:, 2, None]
+            full = np.bincount(Lr.ravel(), weights=G.ravel(), minlength=npix)
+    dof = max(Lf.shape[1] - 7, 1)
+    redchi = cost_all / dof
+    cov = np.full((n, 7, 7), np.nan)
+    try:
+        cov = np.linalg.inv(A_all) * redchi[:, None, None]
+    except np.linalg.LinAlgError:
+        for k in range(n):
+            try:
+                cov[k] = np.linalg.inv(A_all[k]) * redchi[k]
+            except np.linalg.LinAlgError:
+                pass
+    return p, cov, guess_xy, converged, nfev, redchi, np.full(n, Lf.shape[1]), smin, smax, dpos
+
+
 def fit_columns(
     image,
     sampling_A,
@@ -543,6 +1037,7 @@ def fit_columns(
     origin_A=None,
     max_pixels=20000,
     neighbours="elliptical",
+    method="window",
 ) -> pd.DataFrame:
     """Fit elliptical Gaussians to the columns of the given ``types`` (any of "PbBr", "Br", "FA").
 
@@ -553,6 +1048,20 @@ def fit_columns(
     window is subsampled on a regular stride when it would hold more pixels (None: never).
     ``seed`` seeds the perturbed restarts of fits that fail to converge. ``neighbours``:
     "elliptical" (default) or "round" Gaussians for the free neighbouring columns.
+
+    ``method``:
+
+    ``"window"`` (default)
+        one lmfit fit per column in its window, neighbours inside the window free (reference path);
+    ``"joint"``
+        one lmfit fit of all columns of the image and a constant background at once (small images:
+        the cost grows with the square of the number of columns);
+    ``"fast"``
+        all columns (every type) fitted by batched Levenberg-Marquardt on small windows
+        (diameter ``window_A``, default 0.6 lattice constants; at most 1500 pixels each), in
+        StatSTEM-style sweeps over the four sites with all other columns subtracted, alternating
+        with a global linear re-solve of heights and background; ``neighbours`` and ``seed`` do
+        not apply. Thousands of columns per second.
 
     Returns one row per fitted column (see ``RESULT_COLUMNS``; lengths in A, angles in degrees,
     the major-axis angle from +x in (-90, 90]); ``df.attrs`` holds origin_A, lattice and timing.
@@ -593,6 +1102,62 @@ def fit_columns(
         )
 
     grid = column_grid((nx, ny), (lx, ly), (ox, oy))
+    if method not in ("window", "joint", "fast"):
+        raise InputError(f"method: expected 'window', 'joint' or 'fast', got {method!r}")
+    if method in ("joint", "fast"):
+        default_w = 0.6 * a if method == "fast" else 1.2 * a
+        radius = 0.5 * (float(window_A) if window_A is not None else default_w)
+        if not (radius > 2 * s):
+            raise InputError(f"window_A: expected a window of several pixels, got {window_A!r}")
+        if method == "fast":
+            cap = min(max_pixels, _FAST_MAX_PIXELS) if max_pixels else _FAST_MAX_PIXELS
+            p, cov, guess_xy, conv, nfev, redchi, npx, smin, smax, dpos = _fit_fast(
+                img, s, grid, (lx, ly), a, radius, cap
+            )
+            rows = pd.DataFrame(_rows_from_arrays(p, cov, guess_xy, conv, nfev, redchi, npx, smin, smax, dpos))
+        else:
+            smooth = ndimage.uniform_filter(img, size=3, mode="wrap")
+            gb = _moment_guess_batch(img, smooth, s, grid["x"].to_numpy(), grid["y"].to_numpy(), a)
+            smin, smax = 0.3 * s, 0.25 * a
+            init = pd.DataFrame(
+                {
+                    "x": gb["x"],
+                    "y": gb["y"],
+                    "height": np.maximum(gb["h"], 1e-12),
+                    "sigma_x": gb["sx"],
+                    "sigma_y": gb["sy"],
+                    "rho": gb["rho"],
+                }
+            )
+            rows = fit_joint(
+                img,
+                s,
+                init,
+                background=float(np.median(gb["bg"])),
+                period=(lx, ly),
+                dpos=_DPOS_FRAC * a,
+                width_bounds=(smin, smax),
+            )
+            rows = rows.drop(columns=["sigma_x", "sigma_y", "rho"])
+        rows = pd.concat([grid[["type", "site", "i", "j"]], rows], axis=1)
+        df = rows[grid["type"].isin(types).to_numpy()].reset_index(drop=True)
+        return _finish(
+            df,
+            types,
+            (lx, ly),
+            dict(
+                origin_A=(ox, oy),
+                lattice_A=(ax, ay),
+                n_cells=(nx, ny),
+                cell_A=(lx, ly),
+                sampling_A=s,
+                window_A=2 * radius,
+                noise_sigma=noise,
+                method=method,
+                fit_seconds=time.perf_counter() - t0,
+            ),
+        )
+
     smooth = ndimage.uniform_filter(img, size=3, mode="wrap")
     g = [_moment_guess(img, smooth, s, x, y, a) for x, y in zip(grid["x"], grid["y"])]
     guesses = {k: np.array([d[k] for d in g]) for k in ("x", "y", "h", "bg", "sx", "sy", "rho")}
@@ -632,7 +1197,27 @@ def fit_columns(
                 **row,
             )
         )
-    df = pd.DataFrame(rows)
+    return _finish(
+        pd.DataFrame(rows),
+        types,
+        (lx, ly),
+        dict(
+            origin_A=(ox, oy),
+            lattice_A=(ax, ay),
+            n_cells=(nx, ny),
+            cell_A=(lx, ly),
+            sampling_A=s,
+            window_A=2 * radius,
+            noise_sigma=noise,
+            method=method,
+            fit_seconds=time.perf_counter() - t0,
+        ),
+    )
+
+
+def _finish(df, types, period, attrs):
+    """Wrap positions, add the angle to the Pb-Br-Pb bond, order the columns, check the success rate."""
+    lx, ly = period
     for col in RESULT_COLUMNS:
         if col not in df:
             df[col] = pd.Series(dtype=float)
@@ -641,7 +1226,8 @@ def fit_columns(
     bond = df["site"].map(_BOND_ANGLE_DEG).astype(float)
     d = np.abs((df["angle_deg"] - bond + 90.0) % 180.0 - 90.0)
     df["angle_to_bond_deg"] = d
-    df = df[RESULT_COLUMNS]
+    df = df[RESULT_COLUMNS].copy()
+    df["success"] = df["success"].astype(bool)
 
     n_ok = int(df["success"].sum())
     if n_ok < max(1, 0.5 * len(df)):
@@ -650,17 +1236,163 @@ def fit_columns(
             f"image: columns not found: only {n_ok} of {len(df)} {'/'.join(types)} column fits "
             f"succeeded (flags {flags}); check the lattice (n_cells, cell_A) and the image contrast"
         )
-    df.attrs.update(
-        origin_A=(ox, oy),
-        lattice_A=(ax, ay),
-        n_cells=(nx, ny),
-        cell_A=(lx, ly),
-        sampling_A=s,
-        window_A=2 * radius,
-        noise_sigma=noise,
-        fit_seconds=time.perf_counter() - t0,
-    )
+    df.attrs.update(attrs)
     return df
+
+
+# ----------------------------------------------------------------------------------------------
+# Synthetic images and the noise bias of the ellipticity
+# ----------------------------------------------------------------------------------------------
+
+
+def model_image(shape, sampling_A, columns, background=0.0, periodic=True, reach=5.0) -> np.ndarray:
+    """Image (y, x) of elliptical Gaussians sampled at the pixel centres, plus ``background``.
+
+    ``columns``: table with x, y (A), height, sigma_major and ratio (or sigma_minor or
+    ellipticity; default 1) and angle_deg (default 0). ``periodic``: columns wrap around the image
+    edges; otherwise they are cut at them. Each column is evaluated within ``reach`` of its
+    major width of its centre.
+    """
+    cols = pd.DataFrame(columns)
+    ny, nx = (int(v) for v in shape)
+    s = float(sampling_A)
+    img = np.full((ny, nx), float(background))
+    if len(cols) == 0:
+        return img
+    if "ratio" in cols:
+        ratio = cols["ratio"].to_numpy(float)
+    elif "sigma_minor" in cols:
+        ratio = cols["sigma_major"].to_numpy(float) / cols["sigma_minor"].to_numpy(float)
+    elif "ellipticity" in cols:
+        ratio = cols["ellipticity"].to_numpy(float)
+    else:
+        ratio = np.ones(len(cols))
+    angle = np.radians(cols["angle_deg"].to_numpy(float)) if "angle_deg" in cols else np.zeros(len(cols))
+    major = cols["sigma_major"].to_numpy(float)
+    if np.any(ratio < 1) or np.any(major <= 0):
+        raise InputError("model_image: expected sigma_major > 0 and ratio >= 1")
+    cov = np.array([axes_to_cov(m, r, t) for m, r, t in zip(major, ratio, angle)])
+    p = np.column_stack([cols["x"].to_numpy(float), cols["y"].to_numpy(float), cols["height"].to_numpy(float), cov])
+    r_px = min(reach * float(major.max()) / s + 1, 0.5 * max(nx, ny) if periodic else 1e9)
+    di, dj = _stencil(r_px)
+    ax_, ay_ = np.rint(p[:, 0] / s).astype(int), np.rint(p[:, 1] / s).astype(int)
+    X, Y, L = _gather((ny, nx), s, ax_, ay_, di, dj)
+    if periodic:
+        g = _gauss_cov(X, Y, *(p[:, c, None] for c in range(6)))
+        img += np.bincount(L.ravel(), weights=g.ravel(), minlength=nx * ny).reshape(ny, nx)
+        return img
+    IX, IY = ax_[:, None] + di[None, :], ay_[:, None] + dj[None, :]
+    inside = (IX >= 0) & (IX < nx) & (IY >= 0) & (IY < ny)
+    g = _gauss_cov(X, Y, *(p[:, c, None] for c in range(6)))
+    img += np.bincount((IY * nx + IX)[inside], weights=g[inside], minlength=nx * ny).reshape(ny, nx)
+    return img
+
+
+def _structure(image, s, df, n_cells, cell_A):
+    """All lattice columns as (x, y, height, sigma_major, ratio, angle_deg) with the fitted values
+    where ``df`` has a successful fit and values of the fast fit (all columns) elsewhere; and the
+    background."""
+    img, s, (nx, ny), (lx, ly), (ax, ay) = _check_geometry(image, s, n_cells, cell_A)
+    a = min(ax, ay)
+    origin = df.attrs.get("origin_A") or refine_origin(img, s, (nx, ny), (lx, ly))
+    grid = column_grid((nx, ny), (lx, ly), origin)
+    p, *_ = _fit_fast(img, s, grid, (lx, ly), a, 0.3 * a, _FAST_MAX_PIXELS)
+    major, minor, ang = cov_to_axes(p[:, 3], p[:, 4], p[:, 5])
+    cols = pd.DataFrame(
+        {
+            "type": grid["type"],
+            "site": grid["site"],
+            "i": grid["i"],
+            "j": grid["j"],
+            "x": p[:, 0],
+            "y": p[:, 1],
+            "height": np.maximum(p[:, 2], 0.0),
+            "sigma_major": major,
+            "ratio": major / np.maximum(minor, 1e-12),
+            "angle_deg": np.degrees(ang),
+        }
+    )
+    ok = df[df["success"].astype(bool)]
+    key = ["type", "site", "i", "j"]
+    m = cols[key].merge(ok[key + ["x", "y", "height", "sigma_major", "sigma_minor", "angle_deg"]], on=key, how="left")
+    fitted = m["x"].notna().to_numpy()
+    for c in ("x", "y", "height", "sigma_major", "angle_deg"):
+        cols.loc[fitted, c] = m.loc[fitted, c].to_numpy()
+    cols.loc[fitted, "ratio"] = (m.loc[fitted, "sigma_major"] / m.loc[fitted, "sigma_minor"]).to_numpy()
+    bg = float(ok["background"].median()) if len(ok) else float(np.median(p[:, 6]))
+    return img, cols, fitted, bg
+
+
+def round_baseline(
+    image,
+    sampling_A,
+    df,
+    n_cells,
+    cell_A,
+    noise="gaussian",
+    noise_sigma=None,
+    types=None,
+    window_A=None,
+    method=None,
+    se_method="asymptotic",
+    n_boot=2000,
+    seed=0,
+    max_pixels=20000,
+    neighbours="elliptical",
+) -> dict:
+    """Median ellipticity that noise alone produces: the baseline for the measured value.
+
+    The structure fitted in ``df`` (from :func:`fit_columns` on ``image``) is synthesised with
+    every fitted column made round (same position and height, width the geometric mean
+    ``sqrt(sigma_major * sigma_minor)``), the other lattice columns likewise (from the fast fit),
+    the fitted background, and noise of the same level: ``noise="gaussian"`` with pixel SD
+    ``noise_sigma`` (default: robust SD (1.4826 MAD) of the residual image minus the fitted
+    elliptical model), or ``noise="poisson"`` (the image is in counts). That image is fitted with
+    the same settings (``types``, ``window_A``, ``method``; default those in ``df``) and the
+    median ellipticity of each type is returned: ``{type: {n, median_ellipticity, se, se_method}}``
+    plus ``noise_sigma``, ``noise`` and ``seed`` entries.
+    """
+    img, cols, fitted, bg = _structure(image, sampling_A, df, n_cells, cell_A)
+    s = float(sampling_A)
+    if noise not in ("gaussian", "poisson"):
+        raise InputError(f"noise: expected 'gaussian' or 'poisson', got {noise!r}")
+    measured = model_image(img.shape, s, cols, bg)
+    if noise_sigma is None:
+        res = (img - measured).ravel()
+        noise_sigma = float(1.4826 * np.median(np.abs(res - np.median(res))))
+    round_cols = cols.copy()
+    round_cols["sigma_major"] = cols["sigma_major"] / np.sqrt(cols["ratio"])  # sqrt(major * minor)
+    round_cols["ratio"] = 1.0
+    clean = model_image(img.shape, s, round_cols, bg)
+    rng = np.random.default_rng(seed)
+    if noise == "poisson":
+        if np.any(clean < 0):
+            raise InputError("round_baseline: Poisson noise needs a non-negative model (an image in counts)")
+        synth = rng.poisson(clean).astype(float)
+    else:
+        synth = clean + rng.normal(0.0, noise_sigma, clean.shape)
+    types = tuple(sorted(set(df["type"]))) if types is None else ((types,) if isinstance(types, str) else tuple(types))
+    fit = fit_columns(
+        synth,
+        s,
+        n_cells,
+        cell_A,
+        types=types,
+        window_A=window_A if window_A is not None else df.attrs.get("window_A"),
+        seed=seed,
+        max_pixels=max_pixels,
+        neighbours=neighbours,
+        method=method if method is not None else df.attrs.get("method", "window"),
+    )
+    out = {"noise": noise, "noise_sigma": float(noise_sigma), "seed": int(seed)}
+    for typ in types:
+        ok = fit[(fit["type"] == typ) & fit["success"]]
+        if len(ok) >= 2:
+            med, se = median_se(ok["ellipticity"], method=se_method, n_boot=n_boot, seed=seed)
+        else:
+            med, se = (float(ok["ellipticity"].iloc[0]) if len(ok) else math.nan), math.nan
+        out[typ] = {"n": int(len(ok)), "median_ellipticity": float(med), "se": float(se), "se_method": se_method}
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
@@ -679,20 +1411,27 @@ def _axial_mean_deg(angles_deg):
 
 def summarize(df: pd.DataFrame, se_method: str = "asymptotic", n_boot: int = 2000, seed: int = 0) -> dict:
     """Per column type (and per site): number of successful fits, median ellipticity with its
-    standard error (``se_method`` as in :func:`octastem.stats.median_se`), mean/median widths and
-    the axial mean of the major-axis angle (deg, mod 180) with its resultant length."""
+    standard error (``se``, by ``se_method`` as in :func:`octastem.stats.median_se`, named in
+    ``se_method``; both ``se_asymptotic`` and ``se_bootstrap`` are reported as well), mean/median
+    widths and the axial mean of the major-axis angle (deg, mod 180) with its resultant length.
+    For Br: the median angle between the major axis and the Pb-Br-Pb bond
+    (``median_angle_to_bond_deg``, 0-90 deg) and the fraction of columns whose major axis is
+    closer to perpendicular than to parallel to the bond (``fraction_perpendicular``)."""
     out = {}
     for typ in [t for t in TYPES if t in set(df["type"])]:
         sub = df[df["type"] == typ]
         ok = sub[sub["success"].astype(bool)]
         entry = {"n": len(ok), "n_failed": int(len(sub) - len(ok)), "se_method": se_method}
+        ses = {}
         if len(ok) >= 2:
-            med, se = median_se(ok["ellipticity"], method=se_method, n_boot=n_boot, seed=seed)
+            for m in sorted({se_method, "asymptotic", "bootstrap"}):
+                med, ses[m] = median_se(ok["ellipticity"], method=m, n_boot=n_boot, seed=seed)
         elif len(ok) == 1:
-            med, se = float(ok["ellipticity"].iloc[0]), math.nan
+            med = float(ok["ellipticity"].iloc[0])
         else:
-            med, se = math.nan, math.nan
-        entry.update(median_ellipticity=med, se=se)
+            med = math.nan
+        entry.update(median_ellipticity=med, se=ses.get(se_method, math.nan))
+        entry.update(se_asymptotic=ses.get("asymptotic", math.nan), se_bootstrap=ses.get("bootstrap", math.nan))
         entry["mean_ellipticity"] = float(ok["ellipticity"].mean()) if len(ok) else math.nan
         entry["median_sigma_major_A"] = float(ok["sigma_major"].median()) if len(ok) else math.nan
         entry["median_sigma_minor_A"] = float(ok["sigma_minor"].median()) if len(ok) else math.nan
@@ -700,6 +1439,7 @@ def summarize(df: pd.DataFrame, se_method: str = "asymptotic", n_boot: int = 200
         entry.update(mean_angle_deg=mean_angle, angle_resultant=resultant)
         if typ == "Br":
             entry["median_angle_to_bond_deg"] = float(ok["angle_to_bond_deg"].median()) if len(ok) else math.nan
+            entry["fraction_perpendicular"] = float((ok["angle_to_bond_deg"] > 45.0).mean()) if len(ok) else math.nan
             by_site = {}
             for site in ("Br_x", "Br_y"):
                 ss = ok[ok["site"] == site]
@@ -730,10 +1470,19 @@ def fit_image_file(
     progress=False,
     max_pixels=20000,
     neighbours="elliptical",
+    method="window",
+    baseline=True,
+    noise="gaussian",
 ) -> dict:
     """Fit the image file ``image_path`` (see :func:`octastem.io.read_image`) and write the per-column
     table ``out_csv`` and the JSON summary ``out_json`` (and the figure ``plot_path`` if given),
-    all atomically. ``n_cells``/``cell_A`` default to the image attributes of the same names.
+    all atomically. ``n_cells``/``cell_A`` default to the image attributes of the same names;
+    ``method`` as in :func:`fit_columns`.
+
+    With ``baseline`` the noise bias of the ellipticity is measured by :func:`round_baseline`
+    (same structure with round columns, same noise level (``noise``), same fit settings) and
+    written beside the measured value of each type as ``baseline_median_ellipticity`` and
+    ``baseline_se`` (its noise model under the top-level key ``baseline``).
     Returns the summary dict written to JSON."""
     image_path = Path(image_path)
     image, attrs = read_image(image_path)
@@ -758,9 +1507,34 @@ def fit_image_file(
             progress=progress,
             max_pixels=max_pixels,
             neighbours=neighbours,
+            method=method,
         )
+        base = None
+        if baseline:
+            base = round_baseline(
+                image,
+                attrs["sampling_A"],
+                df,
+                n_cells,
+                cell_A,
+                noise=noise,
+                types=types,
+                window_A=window_A,
+                method=method,
+                se_method=se_method,
+                n_boot=n_boot,
+                seed=seed + 1,
+                max_pixels=max_pixels,
+                neighbours=neighbours,
+            )
     except InputError as e:
         raise InputError(f"{image_path}: {e}") from e
+    per_type = summarize(df, se_method=se_method, n_boot=n_boot, seed=seed)
+    if base is not None:
+        for typ, entry in per_type.items():
+            b = base.get(typ, {})
+            entry["baseline_median_ellipticity"] = b.get("median_ellipticity", math.nan)
+            entry["baseline_se"] = b.get("se", math.nan)
     summary = {
         "source": str(image_path),
         "kind": attrs.get("kind"),
@@ -773,8 +1547,18 @@ def fit_image_file(
         "noise_sigma": df.attrs["noise_sigma"],
         "types": list(types) if not isinstance(types, str) else [types],
         "fit_seconds": df.attrs["fit_seconds"],
-        "summary": summarize(df, se_method=se_method, n_boot=n_boot, seed=seed),
-        "provenance": provenance(seed=seed, se_method=se_method, max_pixels=max_pixels, neighbours=neighbours),
+        "method": method,
+        "summary": per_type,
+        "baseline": None if base is None else {k: base[k] for k in ("noise", "noise_sigma", "seed")},
+        "provenance": provenance(
+            seed=seed,
+            se_method=se_method,
+            max_pixels=max_pixels,
+            neighbours=neighbours,
+            method=method,
+            baseline=bool(baseline),
+            noise=noise,
+        ),
     }
     with atomic_path(out_csv) as tmp:
         df.to_csv(tmp, index=False, float_format="%.6g")

@@ -48,7 +48,7 @@ def build_table1(columns: list[dict], fit_paths: list, samples: dict, method: st
                 method=method,
                 dose_e_per_A2=s["dose_e_per_A2"],
                 simulated="raw" not in s,
-                origin=s.get("raw", f"simulated from MD system '{s.get('system')}'"),
+                origin=s["raw"]["path"] if "raw" in s else f"simulated from MD system '{s.get('system')}'",
             )
         else:
             row.update(

@@ -138,9 +138,13 @@ def md_analysis(trajectory, output, average_structure, start_fs: float, reps, cu
         energy_eV={"mean": float(E.mean()), "std": float(E.std())},
         settings={k: v for k, v in attrs.items() if k != "provenance"},
     )
-    log.info("%s: mean Pb-Br-Pb %.2f deg, Br perpendicular RMS %.3f A, T %.1f K", trajectory,
-             result["pb_br_pb_angle_deg"]["mean"], result["br_displacement_A"]["perpendicular_rms"],
-             result["temperature_K"]["mean"])
+    log.info(
+        "%s: mean Pb-Br-Pb %.2f deg, Br perpendicular RMS %.3f A, T %.1f K",
+        trajectory,
+        result["pb_br_pb_angle_deg"]["mean"],
+        result["br_displacement_A"]["perpendicular_rms"],
+        result["temperature_K"]["mean"],
+    )
     io.write_json(output, result)
     with io.atomic_path(average_structure) as tmp:
         write(tmp, time_averaged_structure(frames), format="extxyz")
@@ -218,72 +222,111 @@ def simulate_4dstem(trajectory, output, start_fs: float, frames: int, n_cells, t
     io.write_4dstem(output, stem)
 
 
-def dose(input_path, output, dose_e_per_A2: float, simulated: bool, seed: int, averaged_cells: int = 1) -> None:
-    """The sample's dataset: Poisson counts at its dose (simulated) or a checked copy of a raw dataset.
+def dose(input_path, output, dose_e_per_A2: float, seed: int, averaged_cells: int = 1) -> None:
+    """A simulated sample: Poisson counts at its dose, averaged over ``averaged_cells`` equivalent cells.
 
-    A simulated sample stands for a scan over ``averaged_cells`` copies of the periodic MD cell,
-    averaged over equivalent positions (template matching with perfect registration). The sum of
-    N independent Poisson acquisitions of the same pattern is Poisson with N times the mean, so
-    the averaged dataset is drawn directly at ``averaged_cells * dose`` electrons per area; the
-    counts are the summed counts, ``dose_e_per_A2`` stays the dose of one acquisition.
+    The sample stands for a scan over ``averaged_cells`` copies of the periodic MD cell, averaged
+    over equivalent positions (template matching with perfect registration). The sum of N
+    independent Poisson acquisitions of the same pattern is Poisson with N times the mean, so the
+    averaged dataset is drawn directly at ``averaged_cells * dose`` electrons per area; the counts
+    are the summed counts, ``dose_e_per_A2`` stays the dose of one acquisition.
     """
     from .stem import add_poisson_noise
 
     stem = io.read_4dstem(input_path)
-    if simulated:
-        if np.isfinite(stem.dose_e_per_A2):
-            raise InputError(
-                f"{input_path}: expected a noise-free simulation (dose_e_per_A2 = inf), "
-                f"found dose_e_per_A2 = {stem.dose_e_per_A2}"
-            )
-        rng = np.random.default_rng(seed)
-        stem.data = add_poisson_noise(stem.data, dose_e_per_A2 * averaged_cells, stem.scan_step_A, rng)
-        stem.dose_e_per_A2 = float(dose_e_per_A2)
-        stem.extra["averaged_cells"] = int(averaged_cells)
-        stem.extra["intensity_unit"] = "counts"
-        stem.source = "simulated"
-        stem.provenance = io.provenance(
-            clean=str(input_path), dose_e_per_A2=dose_e_per_A2, averaged_cells=averaged_cells, noise_seed=seed
+    if np.isfinite(stem.dose_e_per_A2):
+        raise InputError(
+            f"{input_path}: expected a noise-free simulation (dose_e_per_A2 = inf), found {stem.dose_e_per_A2}"
         )
-        log.info(
-            "%s: %.1f e/A^2 per acquisition x %d averaged cells -> %.1f counts per position",
-            output,
-            dose_e_per_A2,
-            averaged_cells,
-            float(stem.data.sum(axis=(2, 3)).mean()),
-        )
-    else:
-        data = stem.data
-        if not np.all(np.isfinite(data)) or (data < 0).any():
-            raise InputError(f"{input_path}: field 'data' must hold finite, non-negative counts")
-        n_avg = int(stem.extra.get("averaged_cells", 1))
-        measured = float(data.sum(axis=(2, 3)).mean()) / stem.scan_step_A**2 / n_avg
-        if not np.isclose(measured, dose_e_per_A2, rtol=0.2):
-            raise InputError(
-                f"{input_path}: dose from counts is {measured:.1f} e/A^2, configured dose_e_per_A2 is {dose_e_per_A2}"
-            )
-        stem.source = str(input_path)
+    rng = np.random.default_rng(seed)
+    stem.data = add_poisson_noise(stem.data, dose_e_per_A2 * averaged_cells, stem.scan_step_A, rng)
+    stem.dose_e_per_A2 = float(dose_e_per_A2)
+    stem.extra["averaged_cells"] = int(averaged_cells)
+    stem.extra["intensity_unit"] = "counts"
+    stem.source = "simulated"
+    stem.provenance = io.provenance(
+        clean=str(input_path), dose_e_per_A2=dose_e_per_A2, averaged_cells=averaged_cells, noise_seed=seed
+    )
+    log.info(
+        "%s: %.1f e/A^2 per acquisition x %d averaged cells -> %.1f counts per position",
+        output,
+        dose_e_per_A2,
+        averaged_cells,
+        float(stem.data.sum(axis=(2, 3)).mean()),
+    )
     io.write_4dstem(output, stem)
 
 
-def reconstruct(input_path, output, method: str, n_cells=None) -> None:
-    """Phase image of a 4D-STEM dataset by ``method``."""
+def ingest(
+    raw,
+    output,
+    summary,
+    fmt="auto",
+    dataset=None,
+    calibration=None,
+    counts_per_electron=1.0,
+    dose_rtol=0.2,
+    dose_e_per_A2=None,
+) -> None:
+    """A measured dataset in any supported format -> the internal HDF5 format, with a JSON summary."""
+    from .ingest import ingest as run
+
+    calibration = dict(calibration or {})
+    result = run(
+        raw,
+        output,
+        fmt=fmt,
+        dataset=dataset,
+        calibration=calibration,
+        dose_e_per_A2=dose_e_per_A2,
+        counts_per_electron=counts_per_electron,
+        dose_rtol=dose_rtol,
+        progress=True,
+    )
+    io.write_json(summary, result)
+
+
+def average(input_path, output, summary, cell_shape, supercell, weights="nearest", image="adf") -> None:
+    """Template-matching average of a scan onto one (super)cell; records the cell for the fit."""
+    from .average import average_file
+
+    result = average_file(
+        input_path,
+        output,
+        cell_shape=tuple(cell_shape),
+        supercell=tuple(supercell),
+        weights=weights,
+        image=image,
+        progress=True,
+    )
+    stem = io.read_4dstem(output)
+    nr, nc = stem.extra["scan_shape"]
+    stem.extra["n_cells"] = list(supercell)
+    stem.extra["cell_A"] = [nc * float(stem.extra["scan_step_x_A"]), nr * float(stem.extra["scan_step_y_A"])]
+    io.write_4dstem(output, stem)
+    io.write_json(summary, result)
+
+
+def reconstruct(input_path, output, method: str, n_cells=None, sampling_A: float | None = None) -> None:
+    """Phase image of a 4D-STEM dataset by ``method``, interpolated to ``sampling_A`` when finer than the step."""
     from .reconstruct import reconstruct as run
 
     stem = io.read_4dstem(input_path)
-    image, sampling = run(stem, method)
+    image, sampling = run(stem, method, sampling_A=sampling_A)
     n_cells = stem.extra.get("n_cells", n_cells)
     ny, nx = image.shape
+    cell = stem.extra.get("cell_A")
+    cell_xy = [float(cell[0]), float(cell[1])] if cell is not None else [nx * sampling, ny * sampling]
     io.write_image(
         output,
         image,
         sampling,
         kind=f"phase_{method}",
         n_cells=list(n_cells),
-        cell_A=[nx * sampling, ny * sampling],
+        cell_A=cell_xy,
         dose_e_per_A2=stem.dose_e_per_A2,
         source=stem.source,
-        provenance=io.provenance(stem=str(input_path), method=method),
+        provenance=io.provenance(stem=str(input_path), method=method, sampling_A=sampling_A),
     )
 
 

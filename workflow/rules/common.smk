@@ -29,8 +29,8 @@ def _check_config(cfg):
                 _config_error(f"samples.{name}", "needs either 'raw' (a dataset) or 'system' (to simulate one)")
             if s["system"] not in systems:
                 _config_error(f"samples.{name}.system", f"'{s['system']}' is not one of systems {sorted(systems)}")
-        elif not Path(s["raw"]).exists():
-            _config_error(f"samples.{name}.raw", f"file {s['raw']} not found")
+        elif not Path(s["raw"]["path"]).exists():
+            _config_error(f"samples.{name}.raw.path", f"file {s['raw']['path']} not found")
     if cfg["reconstruct"]["table_method"] not in cfg["reconstruct"]["methods"]:
         _config_error("reconstruct.table_method", "must be one of reconstruct.methods")
     for i, col in enumerate(cfg["table1"]):
@@ -44,6 +44,8 @@ _check_config(config)
 
 SYSTEMS = list(config["systems"])
 SAMPLES = list(config["samples"])
+RAW_SAMPLES = [s for s in SAMPLES if "raw" in config["samples"][s]]
+SIM_SAMPLES = [s for s in SAMPLES if "raw" not in config["samples"][s]]
 METHODS = config["reconstruct"]["methods"]
 
 
@@ -62,6 +64,13 @@ def md_gpus():
     return 1 if md_device().startswith("cuda") else 0
 
 
+def sample_seed(sample):
+    """Noise seed of a sample: the config seed combined with a stable hash of its name (order-independent)."""
+    import zlib
+
+    return (config["seed"] * 1_000_003 + zlib.crc32(sample.encode())) % 2**32
+
+
 def analysis_start_fs():
     return config["md"]["total_fs"] - config["md"]["analysis_fs"]
 
@@ -72,11 +81,16 @@ def image_geometry():
     return [reps[0], reps[1]]
 
 
-def stem_input(wildcards):
-    s = config["samples"][wildcards.sample]
-    if "raw" in s:
-        return s["raw"]
-    return f"results/stem/clean/{s['system']}.h5"
+def one_of(names):
+    """Wildcard constraint matching exactly one of ``names`` (nothing when empty)."""
+    return "|".join(names) if names else "(?!)"
+
+
+def image_geometry_of(sample):
+    """In-plane cells covered by the phase image of ``sample``: the averaged supercell for raw data."""
+    if sample in RAW_SAMPLES:
+        return list(config["average"]["supercell"])
+    return image_geometry()
 
 
 def table1_fits():

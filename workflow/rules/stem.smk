@@ -26,15 +26,16 @@ rule simulate_4dstem:
 
 
 rule dose:
-    """The sample's 4D-STEM dataset: Poisson counts at its total dose (simulated), or the raw file checked."""
+    """A simulated sample: Poisson counts at its total dose, averaged over equivalent cells."""
+    wildcard_constraints:
+        sample=one_of(SIM_SAMPLES),
     input:
-        stem_input,
+        lambda wc: f"results/stem/clean/{config['samples'][wc.sample]['system']}.h5",
     output:
         stem="results/stem/{sample}.h5",
     params:
         dose_e_per_A2=lambda wc: config["samples"][wc.sample]["dose_e_per_A2"],
-        simulated=lambda wc: "raw" not in config["samples"][wc.sample],
-        seed=lambda wc: config["seed"] + 1000 + SAMPLES.index(wc.sample),
+        seed=lambda wc: sample_seed(wc.sample),
         averaged_cells=config["stem"]["averaged_cells"],
     log:
         "logs/dose/{sample}.log",
@@ -54,7 +55,8 @@ rule reconstruct:
     output:
         image="results/reconstruct/{sample}/{method}.h5",
     params:
-        n_cells=image_geometry(),
+        n_cells=lambda wc: image_geometry_of(wc.sample),
+        sampling_A=config["reconstruct"]["sampling_A"],
     log:
         "logs/reconstruct/{sample}_{method}.log",
     threads: 1
@@ -64,3 +66,55 @@ rule reconstruct:
         gpu=0,
     script:
         "../scripts/reconstruct.py"
+
+
+rule ingest:
+    """A measured dataset -> internal HDF5 (electrons), calibration from file or config, dose checked."""
+    wildcard_constraints:
+        sample=one_of(RAW_SAMPLES),
+    input:
+        raw=lambda wc: config["samples"][wc.sample]["raw"]["path"],
+    output:
+        stem="results/stem/raw/{sample}.h5",
+        summary="results/stem/raw/{sample}.json",
+    params:
+        fmt=lambda wc: config["samples"][wc.sample]["raw"]["format"],
+        dataset=lambda wc: config["samples"][wc.sample]["raw"].get("dataset"),
+        calibration=lambda wc: config["samples"][wc.sample]["raw"]["calibration"],
+        counts_per_electron=lambda wc: config["samples"][wc.sample]["raw"]["counts_per_electron"],
+        dose_rtol=lambda wc: config["samples"][wc.sample]["raw"]["dose_rtol"],
+        dose_e_per_A2=lambda wc: config["samples"][wc.sample]["dose_e_per_A2"],
+    log:
+        "logs/ingest/{sample}.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime="1h",
+        gpu=0,
+    script:
+        "../scripts/ingest.py"
+
+
+rule average:
+    """Template matching: the scan's patterns averaged over equivalent lattice positions of one (super)cell."""
+    wildcard_constraints:
+        sample=one_of(RAW_SAMPLES),
+    input:
+        stem="results/stem/raw/{sample}.h5",
+    output:
+        stem="results/stem/{sample}.h5",
+        summary="results/stem/averaged/{sample}.json",
+    params:
+        cell_shape=config["average"]["cell_shape"],
+        supercell=config["average"]["supercell"],
+        weights=config["average"]["weights"],
+        image=config["average"]["image"],
+    log:
+        "logs/average/{sample}.log",
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime="1h",
+        gpu=0,
+    script:
+        "../scripts/average.py"
