@@ -82,8 +82,32 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+#: Run context merged into every :func:`provenance` record of the current process: the pipeline
+#: rule, its wildcards and params (seeds included), the config hash and the input checksums.
+#: Set by :func:`octastem.stages.logged` when a stage runs under Snakemake.
+RUN_CONTEXT: dict[str, Any] = {}
+
+
+def sha256_file(path: str | os.PathLike, block: int = 8 * 2**20) -> str:
+    """Hex sha256 of a file, streamed."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def config_hash(config: dict) -> str:
+    """sha256 of the (validated) workflow config, key order independent."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=_json_default).encode()).hexdigest()
+
+
 def provenance(**extra: Any) -> str:
-    """JSON string recording software versions and any extra key/values (seeds, settings)."""
+    """JSON string recording software versions, the run context and extra key/values (seeds, settings)."""
     import importlib.metadata as md
 
     versions = {}
@@ -93,6 +117,8 @@ def provenance(**extra: Any) -> str:
         except md.PackageNotFoundError:
             pass
     record = {"python": platform.python_version(), "versions": versions}
+    if RUN_CONTEXT:
+        record["run"] = RUN_CONTEXT
     record.update(extra)
     return json.dumps(record, sort_keys=True, default=_json_default)
 

@@ -137,15 +137,50 @@ def notes_for(df: pd.DataFrame, md_summaries: list, md: dict, stem: dict, struct
     return notes
 
 
+def provenance_lines(record: dict) -> list[str]:
+    """Plain-language provenance of the report: config hash, seeds, versions, input checksums."""
+    run = record.get("run", {})
+    lines = [
+        f"Config sha256: {run.get('config_sha256', 'n/a')}",
+        f"Seeds: {json.dumps(record.get('seeds', {}), sort_keys=True)}",
+        "Software: python "
+        + record.get("python", "?")
+        + ", "
+        + ", ".join(f"{k} {v}" for k, v in sorted(record.get("versions", {}).items())),
+    ]
+    for path, sha in sorted(run.get("inputs_sha256", {}).items()):
+        lines.append(f"{path}: sha256 {sha[:16]}...")
+    return lines
+
+
 def write_table1(
-    csv, md_path, html_path, columns, fit_paths, samples, method, md_summaries, md, stem, structure, systems
+    csv,
+    md_path,
+    html_path,
+    columns,
+    fit_paths,
+    samples,
+    method,
+    md_summaries,
+    md,
+    stem,
+    structure,
+    systems,
+    provenance_json=None,
+    seeds=None,
 ) -> pd.DataFrame:
+    """Table 1 as CSV, Markdown (with notes and provenance), HTML; ``provenance_json`` gets the full record."""
     df = build_table1(columns, fit_paths, samples, method)
     notes = notes_for(df, md_summaries, md, stem, structure, systems)
+    record = json.loads(io.provenance(seeds=seeds or {}))
+    record["fits"] = {str(p): _load_summary(p).get("provenance") for p in fit_paths}
+    prov = provenance_lines(record)
     with io.atomic_path(csv) as tmp:
         df.to_csv(tmp, index=False)
-    io.write_text(md_path, table1_markdown(df, notes))
-    io.write_text(html_path, table1_html(df, notes))
+    io.write_text(md_path, table1_markdown(df, notes) + "\n## Provenance\n\n" + "".join(f"- {x}\n" for x in prov))
+    io.write_text(html_path, table1_html(df, notes + ["Provenance: " + x for x in prov]))
+    if provenance_json is not None:
+        io.write_json(provenance_json, record)
     return df
 
 

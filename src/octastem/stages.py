@@ -22,9 +22,32 @@ from .io import InputError
 log = logging.getLogger("octastem")
 
 
+def run_context(smk) -> dict:
+    """Provenance of a Snakemake job: rule, wildcards, params (seeds), config hash, input checksums."""
+    inputs = {}
+    for path in smk.input:
+        p = Path(path)
+        if p.is_file():
+            inputs[str(path)] = io.sha256_file(p)
+    return {
+        "rule": smk.rule,
+        "wildcards": dict(smk.wildcards.items()),
+        "params": {k: v for k, v in smk.params.items()},
+        "config_sha256": io.config_hash(dict(smk.config)),
+        "inputs_sha256": inputs,
+    }
+
+
 @contextlib.contextmanager
-def logged(path: str | os.PathLike | None):
-    """Send logging, warnings and stderr (progress bars) of a stage to ``path``."""
+def logged(path: str | os.PathLike | None, smk=None):
+    """Send logging, warnings and stderr (progress bars) of a stage to ``path``.
+
+    With the ``snakemake`` object ``smk``, every provenance record written by the stage also
+    carries the job's rule, params, config hash and input checksums (:data:`io.RUN_CONTEXT`).
+    """
+    if smk is not None:
+        io.RUN_CONTEXT.clear()
+        io.RUN_CONTEXT.update(run_context(smk))
     if path is None:
         yield
         return
@@ -38,6 +61,8 @@ def logged(path: str | os.PathLike | None):
         logging.captureWarnings(True)
         old = sys.stderr
         sys.stderr = fh
+        if io.RUN_CONTEXT:
+            log.info("provenance: %s", io.provenance())
         try:
             yield
         except Exception:
@@ -61,6 +86,7 @@ def structure(output, n_vacancies: int, reps, a_A: float = 6.0, seed: int = 0) -
 
     atoms = remove_fabr_pairs(build_fapbbr3(tuple(reps), a_A), int(n_vacancies), seed=int(seed))
     check_geometry(atoms, name=str(output))
+    atoms.info["provenance"] = io.provenance(n_vacancies=int(n_vacancies), reps=list(reps), a_A=a_A, seed=int(seed))
     log.info("structure %s: %d atoms %s", output, len(atoms), composition(atoms))
     with io.atomic_path(output) as tmp:
         write(tmp, atoms, format="extxyz")
@@ -371,11 +397,39 @@ def figure(image_path, table, output) -> None:
         plot_model(image, attrs["sampling_A"], df, tmp, title=f"{Path(output).stem} ({attrs['kind']})")
 
 
-def table1(fits, md_summaries, csv, md_path, html_path, columns, samples, systems, md, stem, structure, method) -> None:
+def table1(
+    fits,
+    md_summaries,
+    csv,
+    md_path,
+    html_path,
+    columns,
+    samples,
+    systems,
+    md,
+    stem,
+    structure,
+    method,
+    provenance_json=None,
+    seeds=None,
+) -> None:
     from .report import write_table1
 
     df = write_table1(
-        csv, md_path, html_path, columns, fits, samples, method, md_summaries, md, stem, structure, systems
+        csv,
+        md_path,
+        html_path,
+        columns,
+        fits,
+        samples,
+        method,
+        md_summaries,
+        md,
+        stem,
+        structure,
+        systems,
+        provenance_json=provenance_json,
+        seeds=seeds,
     )
     log.info("Table 1:\n%s", df[["label", "median_ellipticity", "se_median", "n_columns"]].to_string())
 

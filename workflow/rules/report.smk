@@ -25,7 +25,13 @@ rule table1:
         ),
         md="results/report/table1.md",
         html="results/report/table1.html",
+        provenance="results/report/provenance.json",
     params:
+        seeds={
+            "seed": config["seed"],
+            "vacancy_seed": config["structure"]["vacancy_seed"],
+            "sample_noise": {s: sample_seed(s) for s in SIM_SAMPLES},
+        },
         columns=config["table1"],
         samples=config["samples"],
         systems=config["systems"],

@@ -1,6 +1,6 @@
 from octastem import stages
 
-with stages.logged(snakemake.log[0]):
+with stages.logged(snakemake.log[0], snakemake):
     stages.md_figures(
         list(snakemake.input.analyses),
         snakemake.params.systems,

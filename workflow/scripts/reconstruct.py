@@ -1,6 +1,6 @@
 from octastem import stages
 
-with stages.logged(snakemake.log[0]):
+with stages.logged(snakemake.log[0], snakemake):
     stages.reconstruct(
         snakemake.input.stem,
         snakemake.output.image,
