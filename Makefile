@@ -33,6 +33,8 @@ lint: env
 	$(BIN)/snakemake --lint
 
 test: env
+	$(BIN)/ruff check src tests benchmarks workflow/scripts
+	$(BIN)/snakemake --lint
 	$(BIN)/python -m pytest -q
 
 clean:

@@ -102,3 +102,16 @@ def table1_fits():
         else:
             out.append(f"results/fit/md_{col['system']}.json")
     return out
+
+
+def fit_names():
+    """Names of all fits behind Table 1 (sample_method or md_system)."""
+    return [Path(p).stem for p in table1_fits()]
+
+
+def fit_image(wildcards):
+    name = wildcards.name
+    if name.startswith("md_"):
+        return f"results/potential/{name[3:]}.h5"
+    sample, method = name.rsplit("_", 1)
+    return f"results/reconstruct/{sample}/{method}.h5"

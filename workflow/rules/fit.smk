@@ -17,6 +17,8 @@ rule fit_stem:
         **FIT_PARAMS,
     log:
         "logs/fit/{sample}_{method}.log",
+    conda:
+        "../../envs/octastem.yaml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -37,6 +39,8 @@ rule fit_md:
         **FIT_PARAMS,
     log:
         "logs/fit/md_{system}.log",
+    conda:
+        "../../envs/octastem.yaml"
     threads: 1
     resources:
         mem_mb=2000,

@@ -19,6 +19,8 @@ rule md:
         seed=config["seed"],
     log:
         "logs/md/{system}.log",
+    conda:
+        "../../envs/octastem.yaml"
     threads: 1
     resources:
         mem_mb=4000,
@@ -40,6 +42,8 @@ rule md_analysis:
         reps=config["structure"]["reps"],
     log:
         "logs/md_analysis/{system}.log",
+    conda:
+        "../../envs/octastem.yaml"
     threads: 1
     resources:
         mem_mb=4000,
@@ -68,6 +72,8 @@ rule md_figures:
         systems=config["systems"],
     log:
         "logs/report/md_figures.log",
+    conda:
+        "../../envs/octastem.yaml"
     threads: 1
     resources:
         mem_mb=1000,

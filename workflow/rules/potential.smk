@@ -12,6 +12,8 @@ rule snapshot_potential:
         n_cells=image_geometry(),
     log:
         "logs/potential/{system}.log",
+    conda:
+        "../../envs/octastem.yaml"
     threads: 1
     resources:
         mem_mb=4000,

@@ -1,16 +1,3 @@
-def fit_names():
-    """Names of all fits behind Table 1 (sample_method or md_system)."""
-    return [Path(p).stem for p in table1_fits()]
-
-
-def fit_image(wildcards):
-    name = wildcards.name
-    if name.startswith("md_"):
-        return f"results/potential/{name[3:]}.h5"
-    sample, method = name.rsplit("_", 1)
-    return f"results/reconstruct/{sample}/{method}.h5"
-
-
 rule table1:
     """Table 1 of the study: median Br ellipticity +- standard error of the median per column."""
     input:
@@ -41,6 +28,8 @@ rule table1:
         method=config["reconstruct"]["table_method"],
     log:
         "logs/report/table1.log",
+    conda:
+        "../../envs/octastem.yaml"
     threads: 1
     resources:
         mem_mb=1000,
@@ -66,6 +55,8 @@ rule figure:
         ),
     log:
         "logs/report/figure_{name}.log",
+    conda:
+        "../../envs/octastem.yaml"
     threads: 1
     resources:
         mem_mb=1000,
@@ -87,6 +78,8 @@ rule table1_plot:
         ),
     log:
         "logs/report/table1_plot.log",
+    conda:
+        "../../envs/octastem.yaml"
     threads: 1
     resources:
         mem_mb=1000,

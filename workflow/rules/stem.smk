@@ -16,6 +16,8 @@ rule simulate_4dstem:
         n_cells=image_geometry(),
     log:
         "logs/simulate_4dstem/{system}.log",
+    conda:
+        "../../envs/octastem.yaml"
     threads: 2
     resources:
         mem_mb=8000,
@@ -39,6 +41,8 @@ rule dose:
         averaged_cells=config["stem"]["averaged_cells"],
     log:
         "logs/dose/{sample}.log",
+    conda:
+        "../../envs/octastem.yaml"
     threads: 1
     resources:
         mem_mb=4000,
@@ -59,6 +63,8 @@ rule reconstruct:
         sampling_A=config["reconstruct"]["sampling_A"],
     log:
         "logs/reconstruct/{sample}_{method}.log",
+    conda:
+        "../../envs/octastem.yaml"
     threads: 1
     resources:
         mem_mb=4000,
@@ -86,6 +92,8 @@ rule ingest:
         dose_e_per_A2=lambda wc: config["samples"][wc.sample]["dose_e_per_A2"],
     log:
         "logs/ingest/{sample}.log",
+    conda:
+        "../../envs/octastem.yaml"
     threads: 1
     resources:
         mem_mb=2000,
@@ -111,6 +119,8 @@ rule average:
         image=config["average"]["image"],
     log:
         "logs/average/{sample}.log",
+    conda:
+        "../../envs/octastem.yaml"
     threads: 1
     resources:
         mem_mb=4000,

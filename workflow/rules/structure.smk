@@ -9,6 +9,8 @@ rule structure:
         seed=config["structure"]["vacancy_seed"],
     log:
         "logs/structure/{system}.log",
+    conda:
+        "../../envs/octastem.yaml"
     threads: 1
     resources:
         mem_mb=1000,
