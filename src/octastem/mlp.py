@@ -93,4 +93,13 @@ def mace_calculator(model, device: str = "auto", dtype: str = "float32", threads
     if threads:
         torch.set_num_threads(int(threads))
     device = resolve_device(device)
-    return MACECalculator(models=model, device=device, default_dtype=dtype)
+    # cuequivariance kernels accelerate the symmetric contraction on NVIDIA GPUs when installed
+    enable_cueq = device.startswith("cuda") and cueq_available()
+    return MACECalculator(models=model, device=device, default_dtype=dtype, enable_cueq=enable_cueq)
+
+
+def cueq_available() -> bool:
+    """True when the cuequivariance packages MACE uses for GPU acceleration are importable."""
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in ("cuequivariance", "cuequivariance_torch"))
