@@ -22,6 +22,7 @@ include: "workflow/rules/structure.smk"
 include: "workflow/rules/md.smk"
 include: "workflow/rules/potential.smk"
 include: "workflow/rules/stem.smk"
+include: "workflow/rules/cnn.smk"
 include: "workflow/rules/fit.smk"
 include: "workflow/rules/report.smk"
 

@@ -1,4 +1,5 @@
-"""Phase images from 4D-STEM: centre of mass (COM) and integrated COM (iCOM).
+"""Phase images from 4D-STEM: centre of mass (COM), integrated COM (iCOM) and the CNN of
+:mod:`octastem.cnn` (method ``cnn``).
 
 For a thin phase object the COM of each diffraction pattern is the probe-intensity-weighted
 mean of the phase gradient, theta = lambda / (2 pi) * grad(phase); integrating the COM field
@@ -16,7 +17,7 @@ import numpy as np
 
 from .io import InputError, Stem4D
 
-METHODS = ("icom",)
+METHODS = ("icom", "cnn")
 
 
 def _axis_pair(stem: Stem4D, key_x: str, key_y: str, fallback: float) -> tuple[float, float]:
@@ -130,14 +131,26 @@ def fourier_upsample(image: np.ndarray, factor: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def reconstruct(stem: Stem4D, method: str = "icom", sampling_A: float | None = None) -> tuple[np.ndarray, float]:
+def reconstruct(
+    stem: Stem4D,
+    method: str = "icom",
+    sampling_A: float | None = None,
+    weights: str | None = None,
+    device: str = "auto",
+) -> tuple[np.ndarray, float]:
     """Phase image (y, x) and its sampling (A) by ``method`` (one of :data:`METHODS`).
 
-    With ``sampling_A`` finer than the scan step, the image is Fourier-interpolated by the
-    integer factor ceil(step / sampling_A).
+    ``icom`` gives one pixel per scan step; ``cnn`` (weights from ``weights``, default
+    ``resources/cnn/weights.pt``, on ``device``) gives 4 pixels per scan step. With ``sampling_A``
+    finer than that native sampling, the image is Fourier-interpolated by the integer factor
+    ceil(native / sampling_A).
     """
     if method == "icom":
         image, step = icom(stem)
+    elif method == "cnn":
+        from .cnn import predict_phase
+
+        image, step = predict_phase(stem, weights=weights, device=device)
     else:
         raise InputError(f"reconstruct: unknown method {method!r}; expected one of {list(METHODS)}")
     if sampling_A is not None and sampling_A < step:

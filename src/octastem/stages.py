@@ -333,12 +333,14 @@ def average(input_path, output, summary, cell_shape, supercell, weights="nearest
     io.write_json(summary, result)
 
 
-def reconstruct(input_path, output, method: str, n_cells=None, sampling_A: float | None = None) -> None:
-    """Phase image of a 4D-STEM dataset by ``method``, interpolated to ``sampling_A`` when finer than the step."""
+def reconstruct(
+    input_path, output, method: str, n_cells=None, sampling_A: float | None = None, weights=None, device="auto"
+) -> None:
+    """Phase image of a 4D-STEM dataset by ``method``, interpolated to ``sampling_A`` when finer than native."""
     from .reconstruct import reconstruct as run
 
     stem = io.read_4dstem(input_path)
-    image, sampling = run(stem, method, sampling_A=sampling_A)
+    image, sampling = run(stem, method, sampling_A=sampling_A, weights=weights or None, device=device)
     n_cells = stem.extra.get("n_cells", n_cells)
     ny, nx = image.shape
     cell = stem.extra.get("cell_A")
@@ -352,7 +354,7 @@ def reconstruct(input_path, output, method: str, n_cells=None, sampling_A: float
         cell_A=cell_xy,
         dose_e_per_A2=stem.dose_e_per_A2,
         source=stem.source,
-        provenance=io.provenance(stem=str(input_path), method=method, sampling_A=sampling_A),
+        provenance=io.provenance(stem=str(input_path), method=method, sampling_A=sampling_A, weights=weights),
     )
 
 
@@ -438,3 +440,35 @@ def table1_plot(csv, output) -> None:
     from .report import plot_table1
 
     plot_table1(csv, output)
+
+
+# ----------------------------------------------------------------------------------------------
+# CNN
+# ----------------------------------------------------------------------------------------------
+
+
+def cnn_training_set(output, n_scans: int, n_frames: int, seed: int) -> None:
+    from .cnn_data import write_shard
+
+    with io.atomic_path(output) as tmp:
+        summary = write_shard(tmp, n_scans=n_scans, seed=seed, n_frames=n_frames, progress=True)
+    log.info("%s: %s", output, summary)
+
+
+def train_cnn(shards, weights_output, train: dict, device: str = "auto", threads: int | None = None) -> None:
+    """Train into the folder of ``weights_output`` (checkpoint there: a re-run resumes)."""
+    from .cnn import TrainConfig
+    from .cnn import train as run
+
+    out_dir = Path(weights_output).parent
+    summary = run(shards, out_dir, TrainConfig(**train), device=device, progress=True, threads=threads)
+    log.info("training: %s", summary)
+
+
+def evaluate_cnn(weights, metrics, averaged_cells: int, n_seeds: int, seed: int, device: str = "auto") -> None:
+    from .cnn_eval import evaluate
+
+    result = evaluate(
+        Path(metrics).parent, weights=weights, averaged_cells=averaged_cells, n_seeds=n_seeds, seed=seed, device=device
+    )
+    log.info("evaluation: %s", result)

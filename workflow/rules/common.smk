@@ -81,6 +81,14 @@ def image_geometry():
     return [reps[0], reps[1]]
 
 
+def local_path(path):
+    """A path from the config: as given when it exists (relative to the working directory), else in this repository."""
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return str(path)
+    return str(Path(workflow.basedir) / p)
+
+
 def one_of(names):
     """Wildcard constraint matching exactly one of ``names`` (nothing when empty)."""
     return "|".join(names) if names else "(?!)"
@@ -105,8 +113,10 @@ def table1_fits():
 
 
 def fit_names():
-    """Names of all fits behind Table 1 (sample_method or md_system)."""
-    return [Path(p).stem for p in table1_fits()]
+    """Names of all fits: those behind Table 1 (sample_method or md_system) and every sample by every method."""
+    names = [Path(p).stem for p in table1_fits()]
+    names += [f"{s}_{m}" for s in SAMPLES for m in METHODS if f"{s}_{m}" not in names]
+    return names
 
 
 def fit_image(wildcards):

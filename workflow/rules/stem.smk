@@ -53,14 +53,16 @@ rule dose:
 
 
 rule reconstruct:
-    """Phase image from the 4D-STEM dataset by the named method (icom)."""
+    """Phase image from the 4D-STEM dataset by the named method (icom, cnn)."""
     input:
         stem="results/stem/{sample}.h5",
+        weights=lambda wc: local_path(config["cnn"]["weights"]) if wc.method == "cnn" else [],
     output:
         image="results/reconstruct/{sample}/{method}.h5",
     params:
         n_cells=lambda wc: image_geometry_of(wc.sample),
         sampling_A=config["reconstruct"]["sampling_A"],
+        device=lambda wc: config["cnn"]["device"] if wc.method == "cnn" else "cpu",
     log:
         "logs/reconstruct/{sample}_{method}.log",
     conda:

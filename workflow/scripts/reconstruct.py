@@ -5,5 +5,6 @@ with stages.logged(snakemake.log[0], snakemake):
         snakemake.input.stem,
         snakemake.output.image,
         method=snakemake.wildcards.method,
+        weights=snakemake.input.weights or None,
         **dict(snakemake.params.items()),
     )
