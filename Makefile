@@ -10,7 +10,7 @@ BIN    := $(VENV)/bin
 OCTASTEM_MIRROR ?= $(abspath $(wildcard ../shared/data))
 export OCTASTEM_MIRROR
 
-.PHONY: env reproduce report paper-dryrun test lint clean
+.PHONY: env reproduce report paper-dryrun test test-slurm lint clean
 
 $(BIN)/octastem: envs/requirements.txt envs/constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ test: env
 	$(BIN)/ruff check src tests benchmarks workflow/scripts
 	$(BIN)/snakemake --lint
 	$(BIN)/python -m pytest -q
+
+# The tiny config through profiles/slurm on a one-node SLURM cluster started on this machine
+# (Debian/Ubuntu; installs slurm-wlm and munge with apt, needs root or sudo); stopped afterwards.
+test-slurm: env
+	PYTHON=$(BIN)/python tests/slurm/run.sh --stop
 
 clean:
 	rm -rf results/* .snakemake logs

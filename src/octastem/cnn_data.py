@@ -279,7 +279,9 @@ def simulate_scan(
     ``scan_shape`` (ny, nx), ``phase_fine`` (the frame-averaged projected potential times the
     interaction constant, rad, (y, x) on the simulation grid) and ``cell_A``.
     """
-    import abtem
+    from .io import import_abtem
+
+    abtem = import_abtem()
     from abtem.core.energy import energy2sigma, energy2wavelength
 
     from .potential import common_frames, grid_gpts

@@ -37,6 +37,18 @@ STEM_ATTRS = (
 )
 
 
+def import_abtem():
+    """abTEM configured for reproducible results: FFTW plans by estimate, not by measurement.
+
+    A measured FFTW plan (abTEM's default) is chosen anew in every process and its float results
+    differ in the last bits between plans, so two runs of the same stage would differ.
+    """
+    import abtem
+
+    abtem.config.set({"fftw.planning_effort": "FFTW_ESTIMATE"})
+    return abtem
+
+
 class InputError(ValueError):
     """A file or setting is not what a stage expects; the message names file, field and expectation."""
 
@@ -55,6 +67,10 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        # mkstemp creates 0600; give the output the permissions a plain open() would (umask)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -8,15 +8,31 @@ Trajectory file (HDF5, one frame per ``frame_interval_fs``): ``numbers`` (N,), `
 ``positions`` (F, N, 3) A, ``cell`` (F, 3, 3) A, ``energy_eV`` (F,), ``temperature_K`` (F,),
 ``stress_eV_per_A3`` (F, 6); run settings as attributes. While running, frames go to
 ``<output>.partial`` together with a ``checkpoint`` group (full-precision positions, momenta,
-cell, barostat momentum, random-generator state) written every ``checkpoint_every`` frames.
-Re-running after a crash resumes from the last checkpoint and produces the same frames as an
-uninterrupted run; the finished file is renamed into place only at the end.
+cell, barostat momentum and force, forces, random-generator state) written every
+``checkpoint_every`` frames. Re-running after a crash resumes from the last checkpoint and, on the
+CPU with the same thread count, produces bit-identical frames to an uninterrupted run (on a GPU,
+CUDA's atomic scatter-adds already make two uninterrupted runs differ in the last bits); the
+finished file is renamed into place only at the end.
+
+Two things make the resumed frames identical rather than merely close:
+
+- The integrator's forces are carried over, not recomputed. ``LangevinBAOAB`` evaluates the cell
+  force at the end of a step from the momenta *before* the last half kick, while its constructor
+  evaluates it from the momenta after it, so a freshly constructed integrator would start from a
+  different cell force than the uninterrupted run had at the same step.
+- TorchScript's profiling executor is switched off while the dynamics runs. It executes the first
+  calls of a scripted module (e3nn's inside MACE) unoptimised and later ones with a fused graph
+  whose float32 results differ in the last bits, so a force would depend on how many evaluations
+  the process had already done. Unoptimised execution costs nothing measurable on the CPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
+import sys
 from pathlib import Path
 
 import h5py
@@ -26,6 +42,8 @@ from ase.md.langevinbaoab import LangevinBAOAB
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
 from .io import InputError, provenance
+
+log = logging.getLogger(__name__)
 
 #: Settings that must match for a partial trajectory to be resumed.
 _RESUME_KEYS = ("temperature_K", "pressure_MPa", "timestep_fs", "frame_interval_fs", "T_tau_fs", "P_tau_fs", "seed")
@@ -68,6 +86,17 @@ def _truncate(f: h5py.File, n_frames: int) -> None:
         f[name].resize(n_frames, axis=0)
 
 
+@contextlib.contextmanager
+def _reproducible_forces():
+    """Every force evaluation runs the same code path, however many came before (see module doc)."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        yield
+        return
+    with torch.jit.optimized_execution(False):
+        yield
+
+
 def _write_checkpoint(f: h5py.File, atoms: Atoms, dyn: LangevinBAOAB, n_frames: int) -> None:
     if "checkpoint" in f:
         del f["checkpoint"]
@@ -76,12 +105,16 @@ def _write_checkpoint(f: h5py.File, atoms: Atoms, dyn: LangevinBAOAB, n_frames: 
     g.create_dataset("momenta", data=atoms.get_momenta())
     g.create_dataset("cell", data=atoms.cell.array)
     g.create_dataset("p_eps", data=np.asarray(getattr(dyn, "p_eps", 0.0), dtype=float))
+    # the integrator's cached forces: recomputing them on resume would not give the same numbers
+    g.create_dataset("accel", data=dyn.accel)
+    g.create_dataset("force_eps", data=np.asarray(getattr(dyn, "force_eps", 0.0), dtype=float))
     g.attrs["rng_state"] = json.dumps(dyn.rng.bit_generator.state)
     g.attrs["nsteps"] = int(dyn.nsteps)
     g.attrs["n_frames"] = int(n_frames)
     f.flush()
 
 
+@_reproducible_forces()
 def run_npt(
     atoms: Atoms,
     calc,
@@ -146,9 +179,12 @@ def run_npt(
     n_done = 0
     if resumed is not None:
         dyn.p_eps = resumed["p_eps"] if resumed["p_eps"].ndim else float(resumed["p_eps"])
+        dyn.accel = resumed["accel"]
+        dyn.force_eps = resumed["force_eps"]
         dyn.rng.bit_generator.state = resumed["rng_state"]
         dyn.nsteps = resumed["nsteps"]
         n_done = resumed["n_frames"]
+        log.info("%s: resuming at frame %d (t = %g fs)", part, n_done, (n_done - 1) * frame_interval_fs)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -187,32 +223,53 @@ def run_npt(
 
 
 def _read_checkpoint(part: Path, atoms: Atoms, settings: dict) -> dict | None:
+    """State of the last checkpoint in ``part`` (positions, momenta and cell set on ``atoms``).
+
+    None when there is nothing to resume from: no checkpoint yet, or a file left unreadable by a
+    crash while it was being written (it is then removed and the run starts over).
+    """
     try:
-        with h5py.File(part, "r") as f:
-            if "checkpoint" not in f:
-                return None
-            for k in _RESUME_KEYS:
-                if not np.isclose(float(f.attrs[k]), float(settings[k])):
-                    raise InputError(
-                        f"{part}: partial trajectory was run with {k}={f.attrs[k]}, now {settings[k]}; "
-                        "delete it to start over"
-                    )
-            if not np.array_equal(f["numbers"][()], atoms.numbers):
-                raise InputError(f"{part}: partial trajectory holds a different structure; delete it to start over")
+        f = h5py.File(part, "r")
+    except OSError as e:
+        log.warning("%s: unreadable partial trajectory (%s); starting over", part, e)
+        part.unlink()
+        return None
+    with f:
+        if "checkpoint" not in f:
+            return None
+        for k in _RESUME_KEYS:
+            if not np.isclose(float(f.attrs[k]), float(settings[k])):
+                raise InputError(
+                    f"{part}: partial trajectory was run with {k}={f.attrs[k]}, now {settings[k]}; "
+                    "delete it to start over"
+                )
+        if not np.array_equal(f["numbers"][()], atoms.numbers):
+            raise InputError(f"{part}: partial trajectory holds a different structure; delete it to start over")
+        try:
             g = f["checkpoint"]
-            atoms.set_cell(g["cell"][()], scale_atoms=False)
-            atoms.positions = g["positions"][()]
-            atoms.set_momenta(g["momenta"][()])
-            return dict(
+            state = dict(
+                cell=g["cell"][()],
+                positions=g["positions"][()],
+                momenta=g["momenta"][()],
                 p_eps=g["p_eps"][()],
+                accel=g["accel"][()],
+                force_eps=g["force_eps"][()],
                 rng_state=json.loads(g.attrs["rng_state"]),
                 nsteps=int(g.attrs["nsteps"]),
                 n_frames=int(g.attrs["n_frames"]),
             )
-    except OSError:
-        # unreadable partial file (crash while the header was written): start over
+            n_stored = f["time_fs"].shape[0]
+        except (KeyError, OSError, ValueError) as e:
+            # a crash while the checkpoint was being rewritten, or a file from an older version
+            log.warning("%s: incomplete checkpoint (%s); starting over", part, e)
+            state = None
+    if state is None or n_stored < state["n_frames"]:
         part.unlink()
         return None
+    atoms.set_cell(state.pop("cell"), scale_atoms=False)
+    atoms.positions = state.pop("positions")
+    atoms.set_momenta(state.pop("momenta"))
+    return state
 
 
 def read_frames(path: str | os.PathLike, start_fs: float | None = None, every_fs: float | None = None) -> list[Atoms]:
@@ -220,7 +277,11 @@ def read_frames(path: str | os.PathLike, start_fs: float | None = None, every_fs
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: trajectory not found")
-    with h5py.File(path, "r") as f:
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise InputError(f"{path}: not a readable HDF5 trajectory, truncated or corrupt ({e})") from e
+    with f:
         for name in ("numbers", "time_fs", "positions", "cell"):
             if name not in f:
                 raise InputError(f"{path}: trajectory lacks dataset '{name}'")

@@ -110,7 +110,9 @@ def projected_potential(
     the slicing, so one slice gives the same image as thin slices, about 30x faster.
     ``progress`` shows a tqdm bar over frames (default: when there are more than 10 frames).
     """
-    import abtem
+    from .io import import_abtem
+
+    abtem = import_abtem()
     from tqdm.auto import tqdm
 
     frames, lengths = common_frames(frames)

@@ -107,7 +107,9 @@ def simulate_4dstem(
     free) and intensity_unit ("fraction_of_beam" or "counts"). The scalar scan_step_A and
     k_sampling_mrad are the means of the x and y values (equal for a square cell).
     """
-    import abtem
+    from .io import import_abtem
+
+    abtem = import_abtem()
     from abtem.core.energy import energy2wavelength
 
     for key, value in (

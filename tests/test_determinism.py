@@ -1,0 +1,137 @@
+"""Reproducibility: the tiny config run twice gives the same Table 1, and a change re-runs only
+what depends on it (MD length -> everything downstream of MD; a plotting script -> the report).
+
+The fit-parameter and dose cases are in test_workflow.py. The reference run made here is shared
+with test_faults.py (see :func:`reference_run`).
+"""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from test_workflow import planned_jobs, variant
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "configs" / "tiny.yaml"
+
+#: Every rule of the tiny DAG except `structure` (and `all`).
+DOWNSTREAM_OF_MD = {
+    "md",
+    "md_analysis",
+    "md_figures",
+    "snapshot_potential",
+    "simulate_4dstem",
+    "dose",
+    "reconstruct",
+    "fit_stem",
+    "fit_md",
+    "figure",
+    "table1",
+    "table1_plot",
+}
+
+
+def snakemake_cmd(workdir, *args, snakefile=None, configfile=TINY):
+    return [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(snakefile or REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--configfile",
+        str(configfile),
+        "--cores",
+        "2",
+        *args,
+    ]
+
+
+def run_snakemake(workdir, *args, check=True, snakefile=None, configfile=TINY):
+    proc = subprocess.run(
+        snakemake_cmd(workdir, *args, snakefile=snakefile, configfile=configfile),
+        capture_output=True,
+        text=True,
+        env=os.environ.copy(),
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+def reference_run(tmp_path_factory) -> Path:
+    """One uninterrupted run of the tiny config per pytest run, shared by the modules that need it."""
+    root = tmp_path_factory.getbasetemp() / "reference-tiny"
+    done = root / ".complete"
+    if not done.exists():
+        shutil.rmtree(root, ignore_errors=True)
+        root.mkdir()
+        run_snakemake(root)
+        done.touch()
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, reference_model_path):
+    return reference_run(tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def second_run(tmp_path_factory, reference_model_path):
+    work = tmp_path_factory.mktemp("second-tiny")
+    run_snakemake(work)
+    return work
+
+
+def test_two_runs_give_identical_table1(reference, second_run):
+    first = (reference / "results/report/table1.csv").read_bytes()
+    second = (second_run / "results/report/table1.csv").read_bytes()
+    assert first == second
+    # and the intermediate results behind it, to point at the stage if it ever differs
+    for system in ("pristine", "FABr_vac1"):
+        with (
+            h5py.File(reference / f"results/md/{system}/trajectory.h5") as a,
+            h5py.File(second_run / f"results/md/{system}/trajectory.h5") as b,
+        ):
+            for name in ("time_fs", "positions", "cell", "energy_eV"):
+                assert np.array_equal(a[name][()], b[name][()]), f"{system}: {name}"
+    for name in ("low_dose", "increased_dose"):
+        path = f"results/stem/{name}.h5"
+        with h5py.File(reference / path) as a, h5py.File(second_run / path) as b:
+            assert np.array_equal(a["data"][()], b["data"][()]), name
+    for fit in sorted((reference / "results/fit").glob("*.csv")):
+        assert fit.read_bytes() == (second_run / "results/fit" / fit.name).read_bytes(), fit.name
+
+
+def test_md_length_change_reruns_everything_downstream_of_md(reference):
+    cfg = variant(reference, "md_length", md={"total_fs": 4.0})
+    jobs = planned_jobs(run_snakemake(reference, "-n", configfile=cfg))
+    assert set(jobs) - {"all"} == DOWNSTREAM_OF_MD
+    assert jobs["md"] == 2 and "structure" not in jobs
+
+
+def copy_workflow(dest: Path) -> Path:
+    """The workflow's code (Snakefile, workflow/, config/, profiles/) copied with its timestamps."""
+    dest.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(REPO / "Snakefile", dest / "Snakefile")
+    for folder in ("workflow", "config", "profiles"):
+        shutil.copytree(REPO / folder, dest / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    return dest / "Snakefile"
+
+
+def test_plot_script_edit_reruns_only_the_report(reference, tmp_path):
+    snakefile = copy_workflow(tmp_path / "code")
+    # unchanged copy: nothing to do
+    assert planned_jobs(run_snakemake(reference, "-n", snakefile=snakefile)) == {}
+    for script in ("figure.py", "table1_plot.py"):
+        path = tmp_path / "code/workflow/scripts" / script
+        path.write_text(path.read_text() + "# edited: larger labels\n")
+    jobs = planned_jobs(run_snakemake(reference, "-n", snakefile=snakefile))
+    assert set(jobs) == {"figure", "table1_plot", "all"}
+    assert jobs["figure"] == 4
