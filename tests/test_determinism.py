@@ -14,6 +14,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import yaml
 from test_workflow import planned_jobs, variant
 
 REPO = Path(__file__).resolve().parents[1]
@@ -134,4 +135,6 @@ def test_plot_script_edit_reruns_only_the_report(reference, tmp_path):
         path.write_text(path.read_text() + "# edited: larger labels\n")
     jobs = planned_jobs(run_snakemake(reference, "-n", snakefile=snakefile))
     assert set(jobs) == {"figure", "table1_plot", "all"}
-    assert jobs["figure"] == 4
+    tiny = yaml.safe_load((REPO / "tests/configs/tiny.yaml").read_text())
+    n_figures = len(tiny["samples"]) * len(tiny["reconstruct"]["methods"]) + len(tiny["systems"])
+    assert jobs["figure"] == n_figures

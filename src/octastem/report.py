@@ -100,6 +100,14 @@ def table1_html(df: pd.DataFrame, notes: list[str]) -> str:
     )
 
 
+def _potential_kind(potential: str) -> str:
+    if potential == "reference_mace":
+        return "MACE, PBE-D3(BJ), the study's own"
+    if "student" in Path(potential).name:
+        return "CPU student MACE distilled from the study's potential; see resources/student/MODEL_CARD.md"
+    return "MACE model file"
+
+
 def notes_for(df: pd.DataFrame, md_summaries: list, md: dict, stem: dict, structure: dict, systems: dict) -> list[str]:
     """Plain-language notes: what is simulated, which potential and settings produced the values."""
     notes = []
@@ -120,7 +128,7 @@ def notes_for(df: pd.DataFrame, md_summaries: list, md: dict, stem: dict, struct
         )
     reps = structure["reps"]
     notes.append(
-        f"MD: potential '{md['potential']}' (MACE, PBE-D3(BJ), the study's own), {reps[0]}x{reps[1]}x{reps[2]} cubic "
+        f"MD: potential '{md['potential']}' ({_potential_kind(md['potential'])}), {reps[0]}x{reps[1]}x{reps[2]} cubic "
         f"FAPbBr3 supercell, systems {systems} (FABr vacancies), NPT {md['temperature_K']:g} K / "
         f"{md['pressure_MPa']:g} MPa, {md['timestep_fs']:g} fs step, {md['total_fs']:g} fs total, last "
         f"{md['analysis_fs']:g} fs analysed, snapshot every {md['frame_interval_fs']:g} fs."

@@ -111,6 +111,7 @@ def md(
     device: str = "auto",
     dtype: str = "float32",
     threads: int = 1,
+    model_path=None,
     **settings,
 ) -> None:
     """MACE NPT MD of the structure; ``potential`` is a registry entry or a model file path."""
@@ -121,7 +122,8 @@ def md(
 
     atoms = read_structure(structure_path)
     check_geometry(atoms, name=str(structure_path))
-    model_path = fetch(potential) if potential in load_registry() else Path(potential)
+    if model_path is None:
+        model_path = fetch(potential) if potential in load_registry() else Path(potential)
     model = load_mace_model(model_path, device=device, dtype=dtype)
     check_elements(atoms, model, name=str(structure_path))
     calc = mace_calculator(model, device=device, dtype=dtype, threads=threads)

@@ -55,6 +55,15 @@ wildcard_constraints:
     method="|".join(METHODS),
 
 
+def md_model_input(wildcards):
+    """The MACE model file when md.potential is a path (so new weights re-run MD); none for registry entries."""
+    import yaml
+
+    registry = yaml.safe_load((Path(workflow.basedir) / "resources" / "external.yaml").read_text())
+    potential = config["md"]["potential"]
+    return [] if potential in registry else local_path(potential)
+
+
 def md_device():
     return config["md"]["device"]
 

@@ -2,6 +2,7 @@ rule md:
     """MACE NPT molecular dynamics (Langevin thermostat, anisotropic barostat); resumable trajectory."""
     input:
         structure="results/structure/{system}.extxyz",
+        model=md_model_input,
     output:
         trajectory="results/md/{system}/trajectory.h5",
     params:

@@ -5,5 +5,6 @@ with stages.logged(snakemake.log[0], snakemake):
         snakemake.input.structure,
         snakemake.output.trajectory,
         threads=snakemake.threads,
+        model_path=snakemake.input.model or None,
         **dict(snakemake.params.items()),
     )
