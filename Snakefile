@@ -20,6 +20,7 @@ validate(config, "config/schema.yaml", set_default=True)
 include: "workflow/rules/common.smk"
 include: "workflow/rules/structure.smk"
 include: "workflow/rules/md.smk"
+include: "workflow/rules/student.smk"
 include: "workflow/rules/potential.smk"
 include: "workflow/rules/stem.smk"
 include: "workflow/rules/cnn.smk"

@@ -53,6 +53,7 @@ wildcard_constraints:
     system="|".join(SYSTEMS),
     sample="|".join(SAMPLES),
     method="|".join(METHODS),
+    round=r"\d+",
 
 
 def md_model_input(wildcards):
@@ -134,3 +135,8 @@ def fit_image(wildcards):
         return f"results/potential/{name[3:]}.h5"
     sample, method = name.rsplit("_", 1)
     return f"results/reconstruct/{sample}/{method}.h5"
+
+
+def student_final_round():
+    """Index of the last student sampling round (its model is the one validated)."""
+    return len(config["student"]["rounds"]) - 1

@@ -1,0 +1,13 @@
+from octastem import stages
+from octastem.student import train_stage
+
+with stages.logged(snakemake.log[0], snakemake):
+    train_stage(
+        list(snakemake.input.data),
+        snakemake.output.model,
+        snakemake.output.split,
+        reference=snakemake.params.reference,
+        threads=snakemake.threads,
+        **dict(snakemake.params.split),
+        **dict(snakemake.params.train),
+    )
