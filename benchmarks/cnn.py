@@ -15,8 +15,6 @@ Usage: python benchmarks/cnn.py [--scan 64] [--n-k 73] [--threads 2] [--weights 
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import sys
 import tempfile
 import time
@@ -26,30 +24,17 @@ import numpy as np
 import torch
 
 from octastem import cnn
-from octastem.io import Stem4D, write_4dstem, write_json
+from octastem.io import Stem4D, machine_info, write_4dstem, write_json
 from octastem.reconstruct import icom
 
 
 def machine(threads: int) -> dict:
-    cpu = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    info = {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpus_visible": len(os.sched_getaffinity(0)),
-        "torch_threads": threads,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "load_average_at_start": os.getloadavg(),
-        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "note": "CPU machine shared with other jobs; times are wall-clock, best of the repeats",
-    }
-    return info
+    return machine_info(
+        torch_threads=threads,
+        torch=torch.__version__,
+        gpu=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        note="CPU machine shared with other jobs; times are wall-clock, best of the repeats",
+    )
 
 
 def synthetic_stem(scan: int, n_k: int, seed: int = 0) -> Stem4D:

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -38,6 +37,7 @@ from ase import units
 from ase.md.langevin import Langevin
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
+from octastem.io import machine_info
 from octastem.io import write_json
 from octastem.md import run_npt
 from octastem.mlp import _jit_load_on, load_mace_model, mace_calculator
@@ -50,24 +50,13 @@ TIMESTEP_FS = 0.5
 
 
 def machine(threads: int) -> dict:
-    cpu = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpus_visible": len(os.sched_getaffinity(0)),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "torch_threads": threads,
-        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY"),
-        "cuda_device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_average_at_start": list(os.getloadavg()),
-        "note": "wall-clock times; the CPU machine may be shared with other jobs (see load average)",
-    }
+    return machine_info(
+        torch=torch.__version__,
+        torch_threads=threads,
+        OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY"),
+        cuda_device=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        note="wall-clock times; the CPU machine may be shared with other jobs (see load average)",
+    )
 
 
 def _atoms(reps):

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
-import platform
 import resource
 import shutil
 import sys
@@ -31,31 +29,14 @@ import numpy as np
 
 from octastem.average import average_file
 from octastem.ingest import ingest
-from octastem.io import write_json
+from octastem.io import machine_info, write_json
 
 CAL = {"energy_eV": 300e3, "semiangle_mrad": 20.0, "scan_step_A": 0.3, "k_sampling_mrad": 0.5, "scan_rotation_deg": 0.0}
 N_K = 128
 
 
 def machine() -> dict:
-    cpu = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    mem_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpus_visible": len(os.sched_getaffinity(0)),
-        "memory_GiB": round(mem_gb, 1),
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "h5py": h5py.__version__,
-        "load_average_at_start": os.getloadavg(),
-        "note": "CPU machine shared with other jobs; times are wall-clock",
-    }
+    return machine_info(h5py=h5py.__version__, note="CPU machine shared with other jobs; times are wall-clock")
 
 
 def cell_patterns(cell=16, period_px=10.0) -> tuple[np.ndarray, float]:

@@ -122,6 +122,27 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=_json_default).encode()).hexdigest()
 
 
+def machine_info(**extra: Any) -> dict:
+    """The machine a measurement ran on: platform, CPU model, visible cores, memory, load, Python/numpy."""
+    cpu = platform.processor()
+    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    info = {
+        "platform": platform.platform(),
+        "cpu": cpu,
+        "cpus_visible": len(os.sched_getaffinity(0)),
+        "memory_GiB": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "load_average_at_start": list(os.getloadavg()),
+    }
+    info.update(extra)
+    return info
+
+
 def provenance(**extra: Any) -> str:
     """JSON string recording software versions, the run context and extra key/values (seeds, settings)."""
     import importlib.metadata as md

@@ -17,7 +17,6 @@ Three steps, each a pipeline stage:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -618,26 +617,16 @@ def compare_md(
 
 def machine() -> dict:
     """Platform, CPU model, visible cores, torch version and load average, for metrics files."""
-    import platform
-
     import mace  # noqa: F401
     import torch
 
-    cpu = platform.processor()
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "platform": platform.platform(),
-        "cpu": cpu,
-        "cpus_visible": len(os.sched_getaffinity(0)),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "load_average": list(os.getloadavg()),
-    }
+    from .io import machine_info
+
+    return machine_info(
+        torch=torch.__version__,
+        torch_threads=torch.get_num_threads(),
+        cuda=torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    )
 
 
 # ----------------------------------------------------------------------------------------------
