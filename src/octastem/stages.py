@@ -315,7 +315,7 @@ def ingest(
 
 
 def average(input_path, output, summary, cell_shape, supercell, weights="nearest", image="adf") -> None:
-    """Template-matching average of a scan onto one (super)cell; records the cell for the fit."""
+    """Template-matching average of a scan onto one (super)cell (its extras: supercell, shape, steps)."""
     from .average import average_file
 
     result = average_file(
@@ -327,11 +327,6 @@ def average(input_path, output, summary, cell_shape, supercell, weights="nearest
         image=image,
         progress=True,
     )
-    stem = io.read_4dstem(output)
-    nr, nc = stem.extra["scan_shape"]
-    stem.extra["n_cells"] = list(supercell)
-    stem.extra["cell_A"] = [nc * float(stem.extra["scan_step_x_A"]), nr * float(stem.extra["scan_step_y_A"])]
-    io.write_4dstem(output, stem)
     io.write_json(summary, result)
 
 
@@ -343,10 +338,18 @@ def reconstruct(
 
     stem = io.read_4dstem(input_path)
     image, sampling = run(stem, method, sampling_A=sampling_A, weights=weights or None, device=device)
-    n_cells = stem.extra.get("n_cells", n_cells)
+    # the in-plane cell the image spans: simulated scans carry it; averaged cells give it by their
+    # (super)cell, output shape and per-axis steps; otherwise the image extent
+    extra = stem.extra
+    n_cells = extra.get("n_cells", extra.get("supercell", n_cells))
     ny, nx = image.shape
-    cell = stem.extra.get("cell_A")
-    cell_xy = [float(cell[0]), float(cell[1])] if cell is not None else [nx * sampling, ny * sampling]
+    if "cell_A" in extra:
+        cell_xy = [float(extra["cell_A"][0]), float(extra["cell_A"][1])]
+    elif {"scan_shape", "scan_step_x_A", "scan_step_y_A"} <= set(extra):
+        rows, cols = extra["scan_shape"]
+        cell_xy = [cols * float(extra["scan_step_x_A"]), rows * float(extra["scan_step_y_A"])]
+    else:
+        cell_xy = [nx * sampling, ny * sampling]
     io.write_image(
         output,
         image,
