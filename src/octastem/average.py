@@ -482,7 +482,7 @@ def average_file(
     input: str | os.PathLike,
     output: str | os.PathLike,
     *,
-    cell_shape: tuple[int, int] = (16, 16),
+    cell_shape: tuple[int, int] | None = (16, 16),
     supercell: tuple[int, int] = (1, 1),
     weights: str = "nearest",
     image: str = "adf",
@@ -494,7 +494,9 @@ def average_file(
 
     Two passes over the file, a few scan rows at a time (``chunk_positions`` positions, default
     about 64 MiB of float32): the virtual image, then the per-bin sums. Memory: two chunks plus
-    three float64 arrays of the output cell.
+    three float64 arrays of the output cell. ``cell_shape=None`` takes the scan positions per
+    (super)cell that a simulated scan records (attribute ``cell_positions``), so every output
+    position receives the same number of scan positions.
     """
     from tqdm.auto import tqdm
 
@@ -515,6 +517,13 @@ def average_file(
         if missing:
             raise InputError(f"{input}: dataset 'data' lacks calibration attribute(s) {missing}")
         extra = {k: v for k, v in attrs.items() if k not in STEM_ATTRS}
+        if cell_shape is None:
+            if "cell_positions" not in extra:
+                raise InputError(
+                    f"{input}: field 'cell_shape' is null but the dataset records no 'cell_positions' (scan positions "
+                    "per cell of a simulated scan); give average.cell_shape"
+                )
+            cell_shape = tuple(int(n) for n in extra["cell_positions"])
         ny, nx, nky, nkx = ds.shape
         per_row = nx * nky * nkx * 4
         rows = max(1, (chunk_positions // nx if chunk_positions else (64 * 2**20) // per_row))

@@ -108,6 +108,25 @@ def _potential_kind(potential: str) -> str:
     return "MACE model file"
 
 
+def specimen_text(stem: dict, structure: dict) -> str:
+    """Plain-language description of the specimen model of the simulated 4D-STEM samples."""
+    reps = structure["reps"]
+    if stem.get("specimen", "periodic") == "nanocrystal":
+        nc = stem["nanocrystal"]
+        return (
+            f"a finite FAPbBr3 nanocrystal, a cube of edge {nc['edge_A'] / 10:g} nm (whole pseudo-cubic cells) "
+            f"cut from each MD frame (whole FA molecules) with {nc['vacuum_A']:g} A of vacuum around it, [001] "
+            f"along the beam; the central {nc['scan_cells']:g} x {nc['scan_cells']:g} MD cells scanned, Poisson "
+            f"noise at the stated dose per acquisition, then template-matching averaged onto one "
+            f"{reps[0]}x{reps[1]} MD cell like measured data."
+        )
+    return (
+        f"the periodic {reps[0]}x{reps[1]}x{reps[2]} MD cell (as thick as the MD cell), Poisson noise at the stated "
+        f"dose times {stem['averaged_cells']} cells, standing for a perfect template-matching average over "
+        f"{stem['averaged_cells']} equivalent cells."
+    )
+
+
 def notes_for(df: pd.DataFrame, md_summaries: list, md: dict, stem: dict, structure: dict, systems: dict) -> list[str]:
     """Plain-language notes: what is simulated, which potential and settings produced the values."""
     notes = []
@@ -124,7 +143,7 @@ def notes_for(df: pd.DataFrame, md_summaries: list, md: dict, stem: dict, struct
         notes.append(
             f"Simulated 4D-STEM: abTEM multislice at {stem['energy_eV'] / 1e3:g} kV, convergence semi-angle "
             f"{stem['semiangle_mrad']:g} mrad, scan step {stem['scan_step_A']:g} A, {stem['frames']} frozen-phonon MD "
-            "frames, Poisson noise at the stated total dose."
+            f"frames. Specimen: {specimen_text(stem, structure)}"
         )
     reps = structure["reps"]
     notes.append(

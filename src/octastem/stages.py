@@ -250,16 +250,99 @@ def simulate_4dstem(trajectory, output, start_fs: float, frames: int, n_cells, t
     io.write_4dstem(output, stem)
 
 
-def dose(input_path, output, dose_e_per_A2: float, seed: int, averaged_cells: int = 1) -> None:
+def simulate_nanocrystal(
+    trajectory,
+    output,
+    structure_output,
+    start_fs: float,
+    frames: int,
+    edge_A: float,
+    vacuum_A: float,
+    scan_cells: float,
+    threads: int = 1,
+    **optics,
+) -> None:
+    """Noise-free 4D-STEM of a cube nanocrystal cut from ``frames`` MD frames of the analysis window.
+
+    Each frozen-phonon configuration is a nanocrystal cut from a different frame (frames spread
+    evenly over the window, as for the periodic cell); the scan covers ``scan_cells`` x
+    ``scan_cells`` MD in-plane cells at the centre (:mod:`octastem.nanocrystal`). ``optics`` go
+    to :func:`octastem.stem.simulate_4dstem` (``sampling_A=None``: coarsest anti-aliased grid).
+    The nanocrystal frames are written to ``structure_output`` (extxyz, one frame each).
+    """
+    from ase.io import write
+
+    from .md import read_frames
+    from .nanocrystal import build_nanocrystal
+    from .stem import simulate_4dstem as simulate
+
+    window = read_frames(trajectory, start_fs=start_fs)
+    pick = np.unique(np.linspace(0, len(window) - 1, int(frames)).round().astype(int))
+    chosen = [window[i] for i in pick]
+    times = [a.info["time_fs"] for a in chosen]
+    nc = build_nanocrystal(chosen, edge_A=edge_A, vacuum_A=vacuum_A, scan_cells=scan_cells)
+    log.info(
+        "%s: nanocrystal of %d x %d x %d cells (edge %s A, %d atoms) in a %s A box, scan over %g x %g MD cells "
+        "(%.1f A from the faces), %d frozen-phonon frames at t = %s fs",
+        trajectory,
+        *nc.cells,
+        [round(e, 2) for e in nc.edge_A],
+        len(nc.frames[0]),
+        [round(b, 2) for b in nc.box_A],
+        nc.scan_cells,
+        nc.scan_cells,
+        nc.margin_A,
+        len(chosen),
+        times,
+    )
+    with io.atomic_path(structure_output) as tmp:
+        write(tmp, nc.frames, format="extxyz")
+    t0 = time.perf_counter()
+    stem = simulate(
+        nc.frames,
+        dose_e_per_A2=None,
+        source="simulated",
+        num_workers=threads,
+        progress=True,
+        specimen="finite",
+        scan_start_A=nc.scan_start_A,
+        scan_period_A=nc.scan_period_A,
+        scan_periods=nc.scan_cells,
+        provenance_extra={"trajectory": str(trajectory), "times_fs": times, "nanocrystal_edge_A": list(nc.edge_A)},
+        **optics,
+    )
+    log.info(
+        "%s: %s patterns of %s pixels (%.2f mrad), potential sampling %.4f A, %.1f s",
+        output,
+        stem.extra["scan_shape"],
+        list(stem.data.shape[2:]),
+        stem.k_sampling_mrad,
+        stem.extra["sampling_A"],
+        time.perf_counter() - t0,
+    )
+    stem.extra.update(
+        nanocrystal_cells=list(nc.cells),
+        nanocrystal_edge_A=list(nc.edge_A),
+        nanocrystal_vacuum_A=nc.vacuum_A,
+        nanocrystal_margin_A=nc.margin_A,
+        md_reps=list(nc.reps),
+        times_fs=times,
+    )
+    io.write_4dstem(output, stem)
+
+
+def dose(input_path, output, dose_e_per_A2: float, seed: int, averaged_cells: int = 1, summary=None) -> None:
     """A simulated sample: Poisson counts at its dose, averaged over ``averaged_cells`` equivalent cells.
 
     The sample stands for a scan over ``averaged_cells`` copies of the periodic MD cell, averaged
     over equivalent positions (template matching with perfect registration). The sum of N
     independent Poisson acquisitions of the same pattern is Poisson with N times the mean, so the
     averaged dataset is drawn directly at ``averaged_cells * dose`` electrons per area; the counts
-    are the summed counts, ``dose_e_per_A2`` stays the dose of one acquisition.
+    are the summed counts, ``dose_e_per_A2`` stays the dose of one acquisition. With
+    ``averaged_cells=1`` it is one acquisition at the dose (a nanocrystal scan, averaged later by
+    template matching): ``dose * step_x * step_y`` electrons per position.
     """
-    from .stem import add_poisson_noise
+    from .stem import add_poisson_noise, electrons_per_position
 
     stem = io.read_4dstem(input_path)
     if np.isfinite(stem.dose_e_per_A2):
@@ -267,22 +350,41 @@ def dose(input_path, output, dose_e_per_A2: float, seed: int, averaged_cells: in
             f"{input_path}: expected a noise-free simulation (dose_e_per_A2 = inf), found {stem.dose_e_per_A2}"
         )
     rng = np.random.default_rng(seed)
-    stem.data = add_poisson_noise(stem.data, dose_e_per_A2 * averaged_cells, stem.scan_step_A, rng)
+    steps = (
+        float(stem.extra.get("scan_step_x_A", stem.scan_step_A)),
+        float(stem.extra.get("scan_step_y_A", stem.scan_step_A)),
+    )
+    stem.data = add_poisson_noise(stem.data, dose_e_per_A2 * averaged_cells, steps, rng)
     stem.dose_e_per_A2 = float(dose_e_per_A2)
     stem.extra["averaged_cells"] = int(averaged_cells)
+    stem.extra["electrons_per_position"] = electrons_per_position(dose_e_per_A2 * averaged_cells, steps)
     stem.extra["intensity_unit"] = "counts"
     stem.source = "simulated"
     stem.provenance = io.provenance(
         clean=str(input_path), dose_e_per_A2=dose_e_per_A2, averaged_cells=averaged_cells, noise_seed=seed
     )
+    counts = float(stem.data.sum(axis=(2, 3)).mean())
     log.info(
         "%s: %.1f e/A^2 per acquisition x %d averaged cells -> %.1f counts per position",
         output,
         dose_e_per_A2,
         averaged_cells,
-        float(stem.data.sum(axis=(2, 3)).mean()),
+        counts,
     )
     io.write_4dstem(output, stem)
+    if summary is not None:
+        io.write_json(
+            summary,
+            {
+                "input": str(input_path),
+                "output": str(output),
+                "dose_e_per_A2": float(dose_e_per_A2),
+                "averaged_cells": int(averaged_cells),
+                "electrons_per_position": stem.extra["electrons_per_position"],
+                "mean_counts_per_position": counts,
+                "noise_seed": int(seed),
+            },
+        )
 
 
 def ingest(
@@ -315,13 +417,16 @@ def ingest(
 
 
 def average(input_path, output, summary, cell_shape, supercell, weights="nearest", image="adf") -> None:
-    """Template-matching average of a scan onto one (super)cell (its extras: supercell, shape, steps)."""
+    """Template-matching average of a scan onto one (super)cell (its extras: supercell, shape, steps).
+
+    ``cell_shape=None``: the positions per (super)cell recorded by a simulated scan.
+    """
     from .average import average_file
 
     result = average_file(
         input_path,
         output,
-        cell_shape=tuple(cell_shape),
+        cell_shape=None if cell_shape is None else tuple(cell_shape),
         supercell=tuple(supercell),
         weights=weights,
         image=image,

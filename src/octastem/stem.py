@@ -1,11 +1,25 @@
 """Simulated 4D-STEM of MD snapshots with abTEM multislice, and Poisson noise at a given dose.
 
 The frames are frozen-phonon configurations: the diffraction intensities are averaged over
-them. The probe is scanned over the whole periodic in-plane cell; scan position (iy, ix) is at
-(x = ix * step_x, y = iy * step_y), starting at 0, endpoint excluded, with the step adjusted
-so an integer number of positions spans the cell. Patterns are stored (scan_y, scan_x, k_y, k_x)
-of odd size with the optical axis at the centre pixel (n_ky // 2, n_kx // 2); the diffraction axes are parallel to the
-scan axes (scan_rotation_deg = 0).
+them. Two specimens:
+
+- ``specimen="periodic"``: the periodic MD cell. The probe is scanned over the whole in-plane
+  cell; scan position (iy, ix) is at (x = ix * step_x, y = iy * step_y), starting at 0,
+  endpoint excluded, with the step adjusted so an integer number of positions spans the cell.
+- ``specimen="finite"``: a finite specimen (a nanocrystal, :mod:`octastem.nanocrystal`) with
+  vacuum around it in one orthorhombic box shared by all frames. The scan covers ``scan_periods``
+  (nx, ny) periods of ``scan_period_A`` (the MD in-plane cell) from ``scan_start_A``: position
+  (iy, ix) is at (x0 + ix * step_x, y0 + iy * step_y) with an integer number of positions per
+  period. Along the beam the empty space before the first and after the last atom is dropped,
+  so the probe is focused on the entrance surface as for the periodic cell (free propagation
+  through vacuum would only defocus it). The potential is built once per frame and the scan
+  runs in chunks of rows, each chunk's patterns rebinned (count preserving) onto the detector
+  sampling ``detector_sampling_mrad``: a large box gives a fine native angular sampling
+  (lambda / box) that no detector has and that would not fit in memory.
+
+Patterns are stored (scan_y, scan_x, k_y, k_x) of odd size with the optical axis at the centre
+pixel (n_ky // 2, n_kx // 2); the diffraction axes are parallel to the scan axes
+(scan_rotation_deg = 0).
 """
 
 from __future__ import annotations
@@ -73,13 +87,92 @@ def add_poisson_noise(
     return rng.poisson(patterns.astype(np.float64) * n_e).astype(np.float32)
 
 
+def antialias_sampling_A(energy_eV: float, max_angle_mrad: float) -> float:
+    """Coarsest potential sampling (A) whose anti-aliasing limit reaches ``max_angle_mrad``.
+
+    abTEM's anti-aliasing aperture keeps 2/3 of the Nyquist frequency 1 / (2 sampling), so the
+    largest angle free of aliasing is lambda * (2/3) / (2 sampling); the CPU cost of a finite
+    specimen scales with the number of grid points of its whole box, so no finer grid is used.
+    """
+    from abtem.core.energy import energy2wavelength
+
+    if not (np.isfinite(max_angle_mrad) and max_angle_mrad > 0):
+        raise InputError(f"stem: max_angle_mrad must be a positive number, got {max_angle_mrad}")
+    return 0.999 * energy2wavelength(energy_eV) * (2.0 / 3.0) / (2.0 * max_angle_mrad * 1e-3)
+
+
+def _fft_size(n: int) -> int:
+    """Smallest n' >= n with no prime factor above 7 (FFTW is slow on large prime factors)."""
+    m = max(1, int(n))
+    while True:
+        k = m
+        for p in (2, 3, 5, 7):
+            while k % p == 0:
+                k //= p
+        if k == 1:
+            return m
+        m += 1
+
+
+def _rebin_axis(n_in: int, dk_in: float, dk_out: float) -> np.ndarray:
+    """Count-preserving (area weight) rebinning matrix (n_out, n_in) between centred, odd-sized axes.
+
+    Input pixel j lies at (j - n_in // 2) * dk_in, output pixel o at (o - n_out // 2) * dk_out; the
+    output reaches no further than the input, so every output pixel is fully covered.
+    """
+    reach = (n_in // 2) * dk_in + dk_in / 2
+    half = int(np.floor((reach - dk_out / 2) / dk_out + 1e-9))
+    centres_out = np.arange(-half, half + 1) * dk_out
+    centres_in = (np.arange(n_in) - n_in // 2) * dk_in
+    lo = np.maximum(centres_out[:, None] - dk_out / 2, centres_in[None, :] - dk_in / 2)
+    hi = np.minimum(centres_out[:, None] + dk_out / 2, centres_in[None, :] + dk_in / 2)
+    return np.clip(hi - lo, 0.0, None) / dk_in
+
+
+def _finite_frames(frames: Atoms | Sequence[Atoms]) -> tuple[list[Atoms], np.ndarray]:
+    """Frames of a finite specimen in their common orthorhombic box, trimmed along the beam.
+
+    Returns (frames, box lengths (3,) A): every frame shifted along z so that the first atom of
+    all frames lies at z = 0, the box ending half an angstrom after the last atom.
+    """
+    if isinstance(frames, Atoms):
+        frames = [frames]
+    frames = list(frames)
+    if not frames or any(not isinstance(f, Atoms) or len(f) == 0 for f in frames):
+        raise InputError("stem: a finite specimen needs at least one non-empty ase.Atoms frame")
+    cell = np.asarray(frames[0].cell[:], dtype=float)
+    lengths = np.diag(cell).copy()
+    for k, f in enumerate(frames):
+        c = np.asarray(f.cell[:], dtype=float)
+        if not np.allclose(c, np.diag(lengths), atol=1e-6) or np.any(lengths <= 0):
+            raise InputError(
+                f"stem: finite specimen frame {k} has cell {np.round(c, 3).tolist()}; all frames must share one "
+                f"orthorhombic box (frame 0: {np.round(lengths, 3).tolist()})"
+            )
+        xy = f.positions[:, :2]
+        if np.any(xy < 0) or np.any(xy >= lengths[:2]):
+            raise InputError(f"stem: finite specimen frame {k} has atoms outside its box in x or y")
+    z_lo = min(float(f.positions[:, 2].min()) for f in frames)
+    z_hi = max(float(f.positions[:, 2].max()) for f in frames)
+    lengths[2] = z_hi - z_lo + 0.5
+    out = []
+    for f in frames:
+        a = f.copy()
+        a.calc = None
+        a.positions[:, 2] -= z_lo
+        a.set_cell(lengths, scale_atoms=False)
+        a.pbc = True  # abTEM's FFTs are periodic anyway; the vacuum keeps the specimen apart
+        out.append(a)
+    return out, lengths
+
+
 def simulate_4dstem(
     frames: Atoms | Sequence[Atoms],
     energy_eV: float = 300e3,
     semiangle_mrad: float = 25.0,
     scan_step_A: float = 0.3,
     max_angle_mrad: float | None = None,
-    sampling_A: float = 0.05,
+    sampling_A: float | None = 0.05,
     slice_thickness_A: float = 1.0,
     defocus_A: float = 0.0,
     dose_e_per_A2: float | None = None,
@@ -89,29 +182,50 @@ def simulate_4dstem(
     parametrization: str = "lobato",
     num_workers: int | None = None,
     progress: bool = False,
+    *,
+    specimen: str = "periodic",
+    scan_start_A: Sequence[float] | None = None,
+    scan_period_A: Sequence[float] | None = None,
+    scan_periods: Sequence[float] | float = 1.0,
+    detector_sampling_mrad: float | None = None,
+    chunk_mb: float = 128.0,
 ) -> Stem4D:
-    """Multislice 4D-STEM of ``frames`` (frozen phonons) over the whole periodic in-plane cell.
+    """Multislice 4D-STEM of ``frames`` (frozen phonons) of a periodic cell or a finite specimen.
 
     Units: energy eV, semi-angle and max angle mrad, steps/sampling/thickness/defocus A (abTEM
     sign convention for defocus: defocus = -C10), dose e/A^2. ``max_angle_mrad``
     (default 2 x semi-angle) crops the patterns; it must lie below the anti-aliasing limit of
-    the potential grid (2/3 of lambda / (2 sampling)). Noise-free data (``dose_e_per_A2=None``)
-    holds the fraction of the incident beam per pixel, so each pattern sums to the fraction
-    reaching the detector (~1), and carries ``dose_e_per_A2 = inf``; with a dose it holds Poisson
-    counts (float32) drawn with ``np.random.default_rng(seed)``. ``num_workers`` threads run the
-    dask graph (default: all CPUs visible to the process).
+    the potential grid (2/3 of lambda / (2 sampling)); ``sampling_A=None`` takes the coarsest
+    sampling that reaches it (:func:`antialias_sampling_A`). Noise-free data
+    (``dose_e_per_A2=None``) holds the fraction of the incident beam per pixel, so each pattern
+    sums to the fraction reaching the detector (~1), and carries ``dose_e_per_A2 = inf``; with a
+    dose it holds Poisson counts (float32) drawn with ``np.random.default_rng(seed)``.
+    ``num_workers`` threads run the dask graph (default: all CPUs visible to the process).
 
-    ``Stem4D.extra`` records: cell_A (Lx, Ly, Lz), scan_shape (ny, nx), scan_step_x_A,
-    scan_step_y_A, k_sampling_x_mrad, k_sampling_y_mrad, max_angle_mrad, n_frames, sampling_A,
-    slice_thickness_A, defocus_A, parametrization, seed, electrons_per_position (0 if noise
-    free) and intensity_unit ("fraction_of_beam" or "counts"). The scalar scan_step_A and
-    k_sampling_mrad are the means of the x and y values (equal for a square cell).
+    ``specimen``: "periodic" (the whole in-plane cell of the frames, mapped onto their common
+    orthorhombic cell, is scanned) or "finite" (frames in one orthorhombic box with vacuum; the
+    scan covers ``scan_periods`` (nx, ny) periods of ``scan_period_A`` (x, y) from
+    ``scan_start_A`` (x, y), all three required). ``detector_sampling_mrad`` (finite specimens
+    only) rebins the patterns onto this angular sampling (count preserving) when it is coarser
+    than the native lambda / box; ``chunk_mb`` bounds the native patterns held at once.
+
+    ``Stem4D.extra`` records: specimen, cell_A (Lx, Ly, Lz of the simulated cell or box),
+    scan_shape (ny, nx), scan_step_x_A, scan_step_y_A, scan_start_x_A, scan_start_y_A,
+    scan_periods (ny, nx), cell_positions (positions per period, (ny, nx)), k_sampling_x_mrad,
+    k_sampling_y_mrad, max_angle_mrad, n_frames, sampling_A, slice_thickness_A, defocus_A,
+    parametrization, seed, electrons_per_position (0 if noise free) and intensity_unit
+    ("fraction_of_beam" or "counts"). The scalar scan_step_A and k_sampling_mrad are the means
+    of the x and y values (equal for a square cell).
     """
     from .io import import_abtem
 
     abtem = import_abtem()
     from abtem.core.energy import energy2wavelength
 
+    if specimen not in ("periodic", "finite"):
+        raise InputError(f"stem: specimen must be 'periodic' or 'finite', got {specimen!r}")
+    if sampling_A is None:
+        sampling_A = antialias_sampling_A(energy_eV, 2.0 * semiangle_mrad if max_angle_mrad is None else max_angle_mrad)
     for key, value in (
         ("energy_eV", energy_eV),
         ("semiangle_mrad", semiangle_mrad),
@@ -121,8 +235,28 @@ def simulate_4dstem(
     ):
         if not (np.isfinite(value) and value > 0):
             raise InputError(f"stem: {key} must be a positive number, got {value}")
-    frames, lengths = common_frames(frames)
-    gpts = grid_gpts(lengths[:2], sampling_A)
+    if specimen == "periodic":
+        if scan_start_A is not None or scan_period_A is not None or detector_sampling_mrad is not None:
+            raise InputError("stem: scan_start_A, scan_period_A and detector_sampling_mrad apply to finite specimens")
+        frames, lengths = common_frames(frames)
+        gpts = grid_gpts(lengths[:2], sampling_A)
+        start, period, periods = (0.0, 0.0), (float(lengths[0]), float(lengths[1])), (1, 1)
+    else:
+        if scan_start_A is None or scan_period_A is None:
+            raise InputError("stem: a finite specimen needs scan_start_A and scan_period_A (the scan region)")
+        frames, lengths = _finite_frames(frames)
+        gpts = tuple(_fft_size(n) for n in grid_gpts(lengths[:2], sampling_A))
+        start = tuple(float(v) for v in scan_start_A)
+        period = tuple(float(v) for v in scan_period_A)
+        periods = tuple(float(v) for v in np.broadcast_to(np.asarray(scan_periods, dtype=float), (2,)))
+        if len(start) != 2 or len(period) != 2 or min(period) <= 0 or not 0 < min(periods) < math.inf:
+            raise InputError(
+                f"stem: scan region start {start}, period {period} A, periods {periods}: expected two positions, "
+                "two positive lengths and two positive numbers"
+            )
+        end = [s + n * p for s, n, p in zip(start, periods, period)]  # within half a step of the last position
+        if min(start) < 0 or end[0] > lengths[0] or end[1] > lengths[1]:
+            raise InputError(f"stem: scan region {start} .. {end} A lies outside the box {lengths[:2].tolist()} A")
     wavelength_A = energy2wavelength(energy_eV)
     # abTEM's anti-aliasing aperture keeps 2/3 of the Nyquist frequency 1 / (2 sampling)
     sim_sampling = np.asarray(lengths[:2]) / np.asarray(gpts)
@@ -137,30 +271,51 @@ def simulate_4dstem(
     if semiangle_mrad >= max_angle_mrad:
         raise InputError(f"stem: semiangle_mrad={semiangle_mrad} must be below max_angle_mrad={max_angle_mrad}")
 
-    n_scan = tuple(max(1, round(length / scan_step_A)) for length in lengths[:2])  # (nx, ny)
-    steps = (lengths[0] / n_scan[0], lengths[1] / n_scan[1])
+    per_period = tuple(max(1, round(p / scan_step_A)) for p in period)  # (nx, ny) positions per period
+    steps = (period[0] / per_period[0], period[1] / per_period[1])
+    n_scan = tuple(max(1, round(n * p)) for n, p in zip(per_period, periods))  # (nx, ny)
 
-    potential = abtem.Potential(
-        frames if len(frames) > 1 else frames[0],
-        gpts=gpts,
-        slice_thickness=slice_thickness_A,
-        parametrization=parametrization,
-        projection="infinite",
-    )
     probe = abtem.Probe(energy=energy_eV, semiangle_cutoff=semiangle_mrad, defocus=defocus_A)
-    probe.grid.match(potential)
-    scan = abtem.GridScan(start=(0.0, 0.0), end=(lengths[0], lengths[1]), gpts=n_scan, endpoint=False)
     detector = abtem.PixelatedDetector(max_angle=max_angle_mrad)
-    measurement = probe.scan(potential, scan=scan, detectors=detector)
-    measurement = measurement.compute(scheduler="threads", num_workers=_workers(num_workers), progress_bar=progress)
-
-    array = np.asarray(measurement.array, dtype=np.float64)
-    if array.ndim != 4:  # the frozen-phonon axis is averaged by abTEM (ensemble mean)
-        raise RuntimeError(f"stem: unexpected abTEM output shape {array.shape}")
-    # abTEM (scan_x, scan_y, k_x, k_y) -> (scan_y, scan_x, k_y, k_x); abTEM normalises the probe
-    # to unit total intensity, so a pattern sums to the fraction of the beam within max_angle
-    patterns = _symmetric_crop(array.transpose(1, 0, 3, 2))
-    k_sampling = tuple(float(s) for s in measurement.angular_sampling)  # (kx, ky) in mrad
+    if specimen == "periodic":
+        potential = abtem.Potential(
+            frames if len(frames) > 1 else frames[0],
+            gpts=gpts,
+            slice_thickness=slice_thickness_A,
+            parametrization=parametrization,
+            projection="infinite",
+        )
+        probe.grid.match(potential)
+        scan = abtem.GridScan(start=(0.0, 0.0), end=(lengths[0], lengths[1]), gpts=n_scan, endpoint=False)
+        measurement = probe.scan(potential, scan=scan, detectors=detector)
+        measurement = measurement.compute(scheduler="threads", num_workers=_workers(num_workers), progress_bar=progress)
+        array = np.asarray(measurement.array, dtype=np.float64)
+        if array.ndim != 4:  # the frozen-phonon axis is averaged by abTEM (ensemble mean)
+            raise RuntimeError(f"stem: unexpected abTEM output shape {array.shape}")
+        # abTEM (scan_x, scan_y, k_x, k_y) -> (scan_y, scan_x, k_y, k_x); abTEM normalises the probe
+        # to unit total intensity, so a pattern sums to the fraction of the beam within max_angle
+        patterns = _symmetric_crop(array.transpose(1, 0, 3, 2))
+        k_sampling = tuple(float(s) for s in measurement.angular_sampling)  # (kx, ky) in mrad
+    else:
+        patterns, k_sampling = _scan_finite(
+            abtem,
+            frames,
+            probe,
+            detector,
+            gpts=gpts,
+            slice_thickness_A=slice_thickness_A,
+            parametrization=parametrization,
+            start=start,
+            steps=steps,
+            n_scan=n_scan,
+            wavelength_A=wavelength_A,
+            box_A=lengths,
+            max_angle_mrad=max_angle_mrad,
+            detector_sampling_mrad=detector_sampling_mrad,
+            chunk_mb=chunk_mb,
+            num_workers=_workers(num_workers),
+            progress=progress,
+        )
 
     settings = {
         "energy_eV": float(energy_eV),
@@ -174,7 +329,10 @@ def simulate_4dstem(
         "seed": int(seed),
         "n_frames": len(frames),
         "parametrization": parametrization,
+        "specimen": specimen,
     }
+    if specimen == "finite":
+        settings["detector_sampling_mrad"] = detector_sampling_mrad
     settings.update(provenance_extra or {})
 
     if dose_e_per_A2 is None:
@@ -185,10 +343,15 @@ def simulate_4dstem(
         dose, n_e, unit = float(dose_e_per_A2), electrons_per_position(dose_e_per_A2, steps), "counts"
 
     extra = {
+        "specimen": specimen,
         "cell_A": [float(v) for v in lengths],
         "scan_shape": [int(n_scan[1]), int(n_scan[0])],
         "scan_step_x_A": float(steps[0]),
         "scan_step_y_A": float(steps[1]),
+        "scan_start_x_A": float(start[0]),
+        "scan_start_y_A": float(start[1]),
+        "scan_periods": [float(periods[1]), float(periods[0])],
+        "cell_positions": [int(per_period[1]), int(per_period[0])],
         "k_sampling_x_mrad": k_sampling[0],
         "k_sampling_y_mrad": k_sampling[1],
         "max_angle_mrad": float(max_angle_mrad),
@@ -213,3 +376,72 @@ def simulate_4dstem(
         provenance=provenance(**settings),
         extra=extra,
     )
+
+
+def _scan_finite(
+    abtem,
+    frames: list[Atoms],
+    probe,
+    detector,
+    *,
+    gpts,
+    slice_thickness_A,
+    parametrization,
+    start,
+    steps,
+    n_scan,
+    wavelength_A,
+    box_A,
+    max_angle_mrad,
+    detector_sampling_mrad,
+    chunk_mb,
+    num_workers,
+    progress,
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Frame-averaged (scan_y, scan_x, k_y, k_x) patterns of a finite specimen, scanned in row chunks."""
+    from tqdm.auto import tqdm
+
+    native = [1e3 * wavelength_A / float(box_A[i]) for i in range(2)]  # (kx, ky) mrad per pixel
+    if detector_sampling_mrad is not None:
+        if not (np.isfinite(detector_sampling_mrad) and detector_sampling_mrad > 0):
+            raise InputError(f"stem: detector_sampling_mrad must be a positive number, got {detector_sampling_mrad}")
+        k_out = tuple(max(float(detector_sampling_mrad), dk) for dk in native)
+    else:
+        k_out = tuple(native)
+    nx, ny = n_scan
+    n_k_native = [2 * int(max_angle_mrad / dk) + 2 for dk in native]
+    rows = max(1, int(chunk_mb * 2**20 // (4 * nx * n_k_native[0] * n_k_native[1])))
+    chunks = [(r0, min(ny, r0 + rows)) for r0 in range(0, ny, rows)]
+    total = None
+    k_sampling = None
+    rebin = None
+    bar = tqdm(total=len(frames) * len(chunks), desc="nanocrystal 4D-STEM", unit="chunk", disable=not progress)
+    for frame in frames:
+        potential = abtem.Potential(
+            frame, gpts=gpts, slice_thickness=slice_thickness_A, parametrization=parametrization, projection="infinite"
+        ).build(lazy=False)
+        probe.grid.match(potential)
+        for r0, r1 in chunks:
+            scan = abtem.GridScan(
+                start=(start[0], start[1] + r0 * steps[1]),
+                end=(start[0] + nx * steps[0], start[1] + r1 * steps[1]),
+                gpts=(nx, r1 - r0),
+                endpoint=False,
+            )
+            measurement = probe.scan(potential, scan=scan, detectors=detector)
+            measurement = measurement.compute(scheduler="threads", num_workers=num_workers, progress_bar=False)
+            array = np.asarray(measurement.array, dtype=np.float64)
+            if array.ndim != 4 or array.shape[:2] != (nx, r1 - r0):
+                raise RuntimeError(f"stem: unexpected abTEM output shape {array.shape}")
+            chunk = _symmetric_crop(array.transpose(1, 0, 3, 2))  # (rows, nx, k_y, k_x), centred, odd
+            if rebin is None:
+                dk = [float(s) for s in measurement.angular_sampling]  # (kx, ky)
+                ry = _rebin_axis(chunk.shape[2], dk[1], k_out[1])
+                rx = _rebin_axis(chunk.shape[3], dk[0], k_out[0])
+                rebin = (ry, rx)
+                k_sampling = (float(k_out[0]), float(k_out[1]))
+                total = np.zeros((ny, nx, ry.shape[0], rx.shape[0]))
+            total[r0:r1] += np.einsum("oi,...ij,pj->...op", rebin[0], chunk, rebin[1], optimize=True)
+            bar.update(1)
+    bar.close()
+    return total / len(frames), k_sampling

@@ -23,6 +23,25 @@ def _check_config(cfg):
     n_window = int(md["analysis_fs"] / md["frame_interval_fs"]) + 1
     if cfg["stem"]["frames"] > n_window:
         _config_error("stem.frames", f"{cfg['stem']['frames']} frames asked but the analysis window has {n_window}")
+    stem = cfg["stem"]
+    if stem["specimen"] == "nanocrystal" and any("raw" not in s for s in cfg["samples"].values()):
+        # the nanocrystal tiles the MD cell; its scan must hold >= 3 lattice periods (template matching)
+        # and lie inside the crystal: checked here on the starting lattice, exactly by the stage
+        nc, a = stem["nanocrystal"], cfg["structure"]["a_A"]
+        scan_A = nc["scan_cells"] * min(reps[:2]) * a
+        if scan_A < 3 * a - 1e-6:
+            _config_error(
+                "stem.nanocrystal.scan_cells",
+                f"the scan covers {scan_A:g} A, fewer than 3 lattice periods ({3 * a:g} A) for template matching",
+            )
+        if nc["edge_A"] < max(reps) * a - 1e-6:
+            _config_error("stem.nanocrystal.edge_A", f"{nc['edge_A']} A is smaller than one MD cell ({max(reps) * a:g} A)")
+        if nc["edge_A"] < max(reps[:2]) * a * nc["scan_cells"] + a:
+            _config_error(
+                "stem.nanocrystal.edge_A",
+                f"{nc['edge_A']} A leaves no room around the scan region ({nc['scan_cells']} MD cells = "
+                f"{max(reps[:2]) * a * nc['scan_cells']:g} A); need at least one lattice period ({a:g} A) more",
+            )
     for name, s in cfg["samples"].items():
         if "raw" not in s:
             if "system" not in s:
@@ -46,6 +65,12 @@ SYSTEMS = list(config["systems"])
 SAMPLES = list(config["samples"])
 RAW_SAMPLES = [s for s in SAMPLES if "raw" in config["samples"][s]]
 SIM_SAMPLES = [s for s in SAMPLES if "raw" not in config["samples"][s]]
+# simulated samples: a nanocrystal scan (noise per acquisition, then template-matching averaged like
+# measured data) or the periodic MD cell (noise of a perfect average over stem.averaged_cells cells)
+NANOCRYSTAL = config["stem"]["specimen"] == "nanocrystal"
+NANOCRYSTAL_SAMPLES = SIM_SAMPLES if NANOCRYSTAL else []
+PERIODIC_SAMPLES = [] if NANOCRYSTAL else SIM_SAMPLES
+AVERAGED_SAMPLES = RAW_SAMPLES + NANOCRYSTAL_SAMPLES
 METHODS = config["reconstruct"]["methods"]
 
 
@@ -105,10 +130,32 @@ def one_of(names):
 
 
 def image_geometry_of(sample):
-    """In-plane cells covered by the phase image of ``sample``: the averaged supercell for raw data."""
+    """In-plane cells covered by the phase image of ``sample``: the averaged supercell for raw data.
+
+    Simulated samples cover the MD in-plane supercell (nanocrystal scans are averaged onto it).
+    """
     if sample in RAW_SAMPLES:
         return list(config["average"]["supercell"])
     return image_geometry()
+
+
+def average_cell_shape(sample):
+    """Output positions per averaged (super)cell: from the config for raw data; null for a simulated
+    nanocrystal scan, whose recorded positions per MD cell are used (equal contributions per position)."""
+    if sample in RAW_SAMPLES:
+        return list(config["average"]["cell_shape"])
+    return None
+
+
+def stem_summary(wildcards):
+    """JSON summary written with the dataset that is reconstructed, by the route that makes it."""
+    if wildcards.sample in AVERAGED_SAMPLES:
+        return f"results/stem/averaged/{wildcards.sample}.json"
+    return f"results/stem/dose/{wildcards.sample}.json"
+
+
+def sample_system(sample):
+    return config["samples"][sample]["system"]
 
 
 def table1_fits():

@@ -27,14 +27,73 @@ rule simulate_4dstem:
         "../scripts/simulate_4dstem.py"
 
 
-rule dose:
-    """A simulated sample: Poisson counts at its total dose, averaged over equivalent cells."""
-    wildcard_constraints:
-        sample=one_of(SIM_SAMPLES),
+rule simulate_nanocrystal:
+    """Noise-free abTEM 4D-STEM of a cube nanocrystal cut from MD frames (one per frozen phonon), central scan."""
     input:
-        lambda wc: f"results/stem/clean/{config['samples'][wc.sample]['system']}.h5",
+        trajectory="results/md/{system}/trajectory.h5",
+    output:
+        stem="results/stem/nanocrystal/{system}.h5",
+        structure="results/stem/nanocrystal/{system}.extxyz",
+    params:
+        start_fs=analysis_start_fs(),
+        frames=config["stem"]["frames"],
+        energy_eV=config["stem"]["energy_eV"],
+        semiangle_mrad=config["stem"]["semiangle_mrad"],
+        scan_step_A=config["stem"]["scan_step_A"],
+        max_angle_mrad=config["stem"]["max_angle_mrad"],
+        slice_thickness_A=config["stem"]["slice_thickness_A"],
+        edge_A=config["stem"]["nanocrystal"]["edge_A"],
+        vacuum_A=config["stem"]["nanocrystal"]["vacuum_A"],
+        scan_cells=config["stem"]["nanocrystal"]["scan_cells"],
+        sampling_A=config["stem"]["nanocrystal"]["sampling_A"],
+        detector_sampling_mrad=config["stem"]["nanocrystal"]["detector_sampling_mrad"],
+    log:
+        "logs/simulate_nanocrystal/{system}.log",
+    conda:
+        "../../envs/octastem.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime="4h",
+        gpu=0,
+    script:
+        "../scripts/simulate_nanocrystal.py"
+
+
+rule dose_nanocrystal:
+    """A simulated nanocrystal acquisition: Poisson counts at the sample's dose, one scan (averaged later)."""
+    wildcard_constraints:
+        sample=one_of(NANOCRYSTAL_SAMPLES),
+    input:
+        lambda wc: f"results/stem/nanocrystal/{sample_system(wc.sample)}.h5",
+    output:
+        stem="results/stem/raw/{sample}.h5",
+    params:
+        dose_e_per_A2=lambda wc: config["samples"][wc.sample]["dose_e_per_A2"],
+        seed=lambda wc: sample_seed(wc.sample),
+        averaged_cells=1,
+    log:
+        "logs/dose_nanocrystal/{sample}.log",
+    conda:
+        "../../envs/octastem.yaml"
+    threads: 1
+    resources:
+        mem_mb=4000,
+        runtime="30m",
+        gpu=0,
+    script:
+        "../scripts/dose.py"
+
+
+rule dose:
+    """A simulated sample of the periodic cell: Poisson counts at its dose, averaged over equivalent cells."""
+    wildcard_constraints:
+        sample=one_of(PERIODIC_SAMPLES),
+    input:
+        lambda wc: f"results/stem/clean/{sample_system(wc.sample)}.h5",
     output:
         stem="results/stem/{sample}.h5",
+        summary="results/stem/dose/{sample}.json",
     params:
         dose_e_per_A2=lambda wc: config["samples"][wc.sample]["dose_e_per_A2"],
         seed=lambda wc: sample_seed(wc.sample),
@@ -56,6 +115,8 @@ rule reconstruct:
     """Phase image from the 4D-STEM dataset by the named method (icom, cnn)."""
     input:
         stem="results/stem/{sample}.h5",
+        # the route's summary (averaging or periodic dose): switching stem.specimen re-makes the dataset
+        summary=stem_summary,
         weights=lambda wc: local_path(config["cnn"]["weights"]) if wc.method == "cnn" else [],
     output:
         image="results/reconstruct/{sample}/{method}.h5",
@@ -106,17 +167,19 @@ rule ingest:
 
 
 rule average:
-    """Template matching: the scan's patterns averaged over equivalent lattice positions of one (super)cell."""
+    """Template matching: the scan's patterns averaged over equivalent lattice positions of one (super)cell.
+
+    Measured samples, and simulated nanocrystal scans (onto one MD in-plane supercell)."""
     wildcard_constraints:
-        sample=one_of(RAW_SAMPLES),
+        sample=one_of(AVERAGED_SAMPLES),
     input:
         stem="results/stem/raw/{sample}.h5",
     output:
         stem="results/stem/{sample}.h5",
         summary="results/stem/averaged/{sample}.json",
     params:
-        cell_shape=config["average"]["cell_shape"],
-        supercell=config["average"]["supercell"],
+        cell_shape=lambda wc: average_cell_shape(wc.sample),
+        supercell=lambda wc: image_geometry_of(wc.sample),
         weights=config["average"]["weights"],
         image=config["average"]["image"],
     log:
