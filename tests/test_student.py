@@ -157,3 +157,51 @@ def test_split_keeps_snapshots_together_and_is_stable(tmp_path):
         assert first[k] <= second[k]  # stable when data are added
     assert not (second["t"] & second["s"]) and not (second["t"] & second["v"])
     assert n2["test"] % 2 == 0  # snapshot + perturbed copy always together
+
+
+def test_npt_sampling_run_moves_the_cell_and_labels_every_frame(tmp_path):
+    """A sampling run with ``pressure_MPa`` is NPT (the barostat changes the cell); every sampled
+    frame and perturbed copy carries energy, forces and stress of the labelling potential.
+    (The student labels itself here so the test stays cheap; the pipeline labels with the reference.)"""
+    from octastem.student import (
+        ENERGY_KEY,
+        FORCES_KEY,
+        STRESS_KEY,
+        SampleRun,
+        SampleSettings,
+        read_labelled,
+        sample_configurations,
+    )
+
+    run = SampleRun((1, 1, 1), 0, 300.0, 40, 20, "npt", pressure_MPa=0.1, timestep_fs=0.5)
+    settings = SampleSettings(runs=[run], strain=0.0, n_perturbed=1, perturb_strain=0.04, seed=3)
+    out = tmp_path / "npt.xyz"
+    summary = sample_configurations(STUDENT, out, settings, driver_path=STUDENT, threads=1)
+    frames = read_labelled(out)
+    assert summary["n_frames"] == len(frames) == 4  # 2 snapshots + 2 perturbed copies
+    md = [f for f in frames if f.info["kind"] == "md"]
+    assert [f.info["time_fs"] for f in md] == [10.0, 20.0]  # 0.5 fs steps of this run, not the 1 fs default
+    assert not np.allclose(md[-1].cell.array, np.diag([6.0, 6.0, 6.0]), atol=1e-6)  # the barostat acted
+    for f in frames:
+        assert np.isfinite(f.info[ENERGY_KEY]) and f.arrays[FORCES_KEY].shape == (len(f), 3)
+        assert np.asarray(f.info[STRESS_KEY]).shape == (6,)
+
+
+def test_warm_start_copies_the_previous_rounds_last_checkpoint(tmp_path):
+    """Round r continues from round r-1's newest checkpoint, under round r's run name; a round that
+    already has checkpoints of its own (an interrupted training) is left to resume from them."""
+    from octastem.student import latest_checkpoint, seed_checkpoint
+
+    prev_ck = tmp_path / "student_r0_training" / "work" / "checkpoints"
+    prev_ck.mkdir(parents=True)
+    for e in (9, 93, 57):
+        (prev_ck / f"student_r0_run-0_epoch-{e}.pt").write_bytes(f"epoch {e}".encode())
+    prev_model = tmp_path / "student_r0.model"
+    own = tmp_path / "student_r1_training" / "work" / "checkpoints"
+    assert seed_checkpoint(prev_model, own, "student_r1", 0) == 93
+    assert (own / "student_r1_run-0_epoch-93.pt").read_bytes() == b"epoch 93"
+    (own / "student_r1_run-0_epoch-120.pt").write_bytes(b"epoch 120")  # training went on, then stopped
+    assert seed_checkpoint(prev_model, own, "student_r1", 0) == 93
+    assert latest_checkpoint(own)[1] == 120 and len(list(own.iterdir())) == 2
+    with pytest.raises(InputError, match="no mace checkpoint"):
+        seed_checkpoint(tmp_path / "missing.model", tmp_path / "x", "student_r1", 0)

@@ -44,6 +44,10 @@ class SampleRun:
 
     ``reps`` supercell of the cubic cell with ``n_vacancies`` FABr pairs removed; its lattice
     parameter is ``a_A`` scaled by ``1 + strain`` (a random strain in +-``strain`` per axis per run).
+    With ``pressure_MPa`` set the run is NPT with the production protocol of :func:`octastem.md.run_npt`
+    (anisotropic cell, thermostat ``NPT_T_TAU_FS``, barostat ``NPT_P_TAU_FS``), so the data cover the
+    cell shapes the potential visits in production MD; otherwise NVT. ``timestep_fs`` overrides the
+    settings' time step for this run.
     """
 
     reps: tuple[int, int, int] = (2, 2, 2)
@@ -52,6 +56,8 @@ class SampleRun:
     steps: int = 100
     sample_every: int = 5
     tag: str = ""
+    pressure_MPa: float | None = None
+    timestep_fs: float | None = None
 
 
 @dataclass
@@ -65,6 +71,9 @@ class SampleSettings:
     rattle_A: float = 0.03
     perturb_strain: float = 0.02
     seed: int = 0
+
+
+NPT_T_TAU_FS, NPT_P_TAU_FS = 100.0, 1000.0  # the study's thermostat and barostat time constants
 
 
 def default_runs() -> list[SampleRun]:
@@ -164,14 +173,27 @@ def sample_configurations(
         atoms.set_cell(atoms.cell.array * diag[:, None], scale_atoms=True)
         atoms = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=True)
         atoms.calc = drive_calc
-        MaxwellBoltzmannDistribution(atoms, temperature_K=2.0 * run.temperature_K, rng=rng)
+        npt = run.pressure_MPa is not None
+        dt_fs = run.timestep_fs or s.timestep_fs
+        # NVT starts hot (equipartition halves it); NPT starts like production MD
+        MaxwellBoltzmannDistribution(atoms, temperature_K=(1.0 if npt else 2.0) * run.temperature_K, rng=rng)
         Stationary(atoms)
+        barostat = (
+            dict(
+                externalstress=-run.pressure_MPa * 1e6 * units.Pascal,
+                hydrostatic=False,
+                P_tau=NPT_P_TAU_FS * units.fs,
+            )
+            if npt
+            else {}
+        )
         dyn = LangevinBAOAB(
             atoms,
-            s.timestep_fs * units.fs,
+            dt_fs * units.fs,
             temperature_K=run.temperature_K,
-            T_tau=s.T_tau_fs * units.fs,
+            T_tau=(NPT_T_TAU_FS if npt else s.T_tau_fs) * units.fs,
             rng=np.random.default_rng(s.seed + 1000 + k),
+            **barostat,
         )
         tag = run.tag or f"{'x'.join(map(str, run.reps))}_v{run.n_vacancies}_{run.temperature_K:.0f}K"
         n_run = 0
@@ -180,19 +202,20 @@ def sample_configurations(
             if driver_path is None:
                 n_ref_calls += run.sample_every
             snap = Atoms(numbers=atoms.numbers, positions=atoms.positions, cell=atoms.cell, pbc=True)
-            snap.info.update(config_type=tag, time_fs=step * s.timestep_fs, kind="md")
+            snap.info.update(config_type=tag, time_fs=step * dt_fs, kind="md")
             frames.append(label(snap, ref_calc))
             n_ref_calls += driver_path is not None
             for _ in range(s.n_perturbed):
                 p = _strained(snap, rng, s.perturb_strain, s.rattle_A)
-                p.info.update(config_type=tag, time_fs=step * s.timestep_fs, kind="perturbed")
+                p.info.update(config_type=tag, time_fs=step * dt_fs, kind="perturbed")
                 frames.append(label(p, ref_calc))
                 n_ref_calls += 1
             n_run += 1
             if progress:
                 print(
                     f"[{time.perf_counter() - t0:7.0f} s] {tag} step {step}/{run.steps} "
-                    f"T={atoms.get_temperature():.0f} K, {len(frames)} frames",
+                    f"T={atoms.get_temperature():.0f} K, cell {np.round(atoms.cell.lengths(), 2)} A, "
+                    f"{len(frames)} frames",
                     file=sys.stderr,
                     flush=True,
                 )
@@ -615,6 +638,101 @@ def compare_md(
     return result
 
 
+def npt_stability(
+    student_path,
+    reference_path,
+    out_dir,
+    *,
+    reps=(2, 2, 2),
+    temperature_K: float = 300.0,
+    pressure_MPa: float = 0.1,
+    total_fs: float = 3000.0,
+    timestep_fs: float = 0.5,
+    frame_interval_fs: float = 50.0,
+    analysis_start_fs: float = 1000.0,
+    n_stress_frames: int = 8,
+    seed: int = 1,
+    threads: int | None = None,
+) -> dict:
+    """Picosecond NPT of the pristine ``reps`` cell with the student: does its cell stay cubic?
+
+    Runs :func:`octastem.md.run_npt` (the production protocol) with the student from the ideal
+    cubic start and reports, over ``t >= analysis_start_fs``: the mean pseudo-cubic a, b, c, their
+    largest relative spread, the largest deviation of any cell angle from 90 deg and the drift of
+    the mean lattice parameter between the two halves of the window. Cross-check of the driving
+    force of the barostat: on ``n_stress_frames`` frames of that window the virial stress of the
+    reference and of the student are compared (mean difference per Voigt component, GPa); a
+    student whose cell wanders off shows a systematic difference there (the reference pulls back).
+    """
+    from ase.units import GPa
+
+    from .md import read_frames, run_npt
+    from .structure import build_fapbbr3
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    traj = out_dir / "student_npt.h5"
+    _, stu = _calculator(student_path, threads)
+    t0 = time.perf_counter()
+    if not traj.exists():
+        run_npt(
+            build_fapbbr3(tuple(reps)),
+            stu,
+            traj,
+            temperature_K=temperature_K,
+            pressure_MPa=pressure_MPa,
+            timestep_fs=timestep_fs,
+            total_fs=total_fs,
+            frame_interval_fs=frame_interval_fs,
+            seed=seed,
+            progress=False,
+        )
+    wall = time.perf_counter() - t0
+    frames = read_frames(traj, start_fs=analysis_start_fs)
+    if len(frames) < 2:
+        raise InputError(f"student npt check: fewer than 2 frames after analysis_start_fs={analysis_start_fs}")
+    n = np.asarray(reps, float)
+    lengths = np.array([a.cell.lengths() / n for a in frames])
+    angles = np.array([a.cell.angles() for a in frames])
+    mean = lengths.mean(0)
+    half = len(frames) // 2
+    _, ref = _calculator(reference_path, threads)
+    picks = np.unique(np.linspace(0, len(frames) - 1, min(n_stress_frames, len(frames))).round().astype(int))
+    diffs = []
+    for i in picks:
+        out = []
+        for calc in (ref, stu):
+            b = frames[i].copy()
+            b.calc = calc
+            out.append(b.get_stress(voigt=True) / GPa)
+        diffs.append(out[1] - out[0])
+    diffs = np.array(diffs)
+    return {
+        "settings": dict(
+            reps=list(reps),
+            temperature_K=temperature_K,
+            pressure_MPa=pressure_MPa,
+            total_fs=total_fs,
+            timestep_fs=timestep_fs,
+            analysis_start_fs=analysis_start_fs,
+            seed=seed,
+        ),
+        "trajectory": str(traj),
+        "wall_s": wall,
+        "n_frames": len(frames),
+        "pseudo_cubic_A": {k: float(v) for k, v in zip("abc", mean, strict=True)},
+        "pseudo_cubic_min_max_A": [float(lengths.min()), float(lengths.max())],
+        "spread_relative": float((mean.max() - mean.min()) / mean.mean()),
+        "max_angle_deviation_deg": float(np.abs(angles - 90.0).max()),
+        "lattice_drift_relative": float(lengths[half:].mean() / lengths[:half].mean() - 1.0),
+        "stress_student_minus_reference_GPa": {
+            "n_frames": len(picks),
+            "mean_voigt": diffs.mean(0).tolist(),
+            "rms": float(np.sqrt(np.mean(diffs**2))),
+        },
+    }
+
+
 def machine() -> dict:
     """Platform, CPU model, visible cores, torch version and load average, for metrics files."""
     import mace  # noqa: F401
@@ -666,6 +784,46 @@ def data_stage(
     io.write_json(summary, summ)
 
 
+def latest_checkpoint(checkpoints_dir) -> tuple[Path, int] | None:
+    """The mace-torch checkpoint with the highest epoch in ``checkpoints_dir`` and its epoch, or None."""
+    import re
+
+    found = []
+    for p in Path(checkpoints_dir).glob("*_epoch-*.pt"):
+        m = re.search(r"_epoch-(\d+)\.pt$", p.name)
+        if m:
+            found.append((int(m.group(1)), p))
+    if not found:
+        return None
+    epoch, path = max(found)
+    return path, epoch
+
+
+def seed_checkpoint(previous_model, checkpoints_dir, name: str, seed: int) -> int:
+    """Let a training run named ``name`` resume from the last checkpoint of the run that made ``previous_model``.
+
+    mace-torch's ``--restart_latest`` loads the newest ``<name>_run-<seed>_epoch-N.pt`` of its
+    checkpoint folder; the previous round's newest checkpoint (in ``<model stem>_training/work/
+    checkpoints`` next to ``previous_model``) is copied there under this run's name unless this run
+    already has checkpoints of its own (then it is resuming after an interruption). Returns the
+    epoch training starts from.
+    """
+    checkpoints_dir = Path(checkpoints_dir)
+    own = latest_checkpoint(checkpoints_dir)
+    previous_model = Path(previous_model)
+    prev_dir = previous_model.parent / (previous_model.stem + "_training") / "work" / "checkpoints"
+    prev = latest_checkpoint(prev_dir)
+    if prev is None:
+        raise InputError(
+            f"student warm start: no mace checkpoint in {prev_dir} (the training folder of {previous_model})"
+        )
+    if own is not None:
+        return prev[1]
+    checkpoints_dir.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(prev[0], checkpoints_dir / f"{name}_run-{seed}_epoch-{prev[1]}.pt")
+    return prev[1]
+
+
 def train_stage(
     data,
     output,
@@ -677,13 +835,17 @@ def train_stage(
     valid_fraction: float = 0.1,
     test_fraction: float = 0.15,
     split_seed: int = 0,
+    warm_start=None,
+    epochs: int | None = None,
     **settings,
 ) -> None:
     """Split the labelled ``data`` file(s) into ``split_dir/{train,valid,test}.xyz``, train, write ``output``.
 
     The student uses the reference's E0s; ``settings`` are :class:`StudentSettings` fields. The
     mace-torch working folder is ``<output stem>_training`` next to ``output`` (checkpoints there
-    let an interrupted training resume).
+    let an interrupted training resume). ``warm_start``: the model file of the previous round;
+    training then continues from that round's last checkpoint (weights, optimiser and schedule)
+    for ``epochs`` more epochs on the grown data set, as the committed student was made.
     """
     from .io import atomic_path
 
@@ -694,6 +856,11 @@ def train_stage(
     s = StudentSettings(**settings)
     output = Path(output)
     work = output.parent / (output.stem + "_training")
+    if warm_start is not None:
+        start = seed_checkpoint(warm_start, work / "work" / "checkpoints", output.stem, s.seed)
+        s.max_num_epochs = start + (epochs if epochs is not None else s.max_num_epochs)
+    elif epochs is not None:
+        s.max_num_epochs = epochs
     model = train_student(
         train,
         valid,
@@ -717,9 +884,11 @@ def validate_stage(
     threads: int | None = None,
     md_dir=None,
     md: dict | None = None,
+    npt: dict | None = None,
     n_timing_calls: int = 5,
 ) -> None:
-    """Held-out errors, speed ratio and (with ``md``: compare_md keywords) the MD comparison, as JSON."""
+    """Held-out errors, speed ratio, (with ``md``: compare_md keywords) the MD comparison and (with
+    ``npt``: npt_stability keywords) the picosecond NPT stability check, as JSON."""
     from . import io
 
     ref = _reference(reference)
@@ -727,6 +896,9 @@ def validate_stage(
     if md is not None:
         md_dir = Path(md_dir or Path(output).with_suffix(""))
         result["md"] = compare_md(student, ref, md_dir, threads=threads, **md)
+    if npt is not None:
+        npt_dir = Path(md_dir or Path(output).with_suffix("")) / "npt_stability"
+        result["npt_stability"] = npt_stability(student, ref, npt_dir, threads=threads, **npt)
     result["machine"] = machine()
     io.write_json(output, result)
 
@@ -758,6 +930,7 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("--output", default="results/student/validation.json")
     v.add_argument("--reference", default="reference_mace")
     v.add_argument("--md-fs", type=float, default=150.0, help="length of the MD comparison (0: skip)")
+    v.add_argument("--npt-fs", type=float, default=3000.0, help="length of the NPT stability check (0: skip)")
     v.add_argument("--threads", type=int, default=None)
     a = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO)
@@ -786,7 +959,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     else:
         md = dict(total_fs=a.md_fs) if a.md_fs > 0 else None
-        validate_stage(a.student, a.test, a.output, reference=a.reference, threads=a.threads, md=md)
+        npt = dict(total_fs=a.npt_fs, analysis_start_fs=a.npt_fs / 3) if a.npt_fs > 0 else None
+        validate_stage(a.student, a.test, a.output, reference=a.reference, threads=a.threads, md=md, npt=npt)
     return 0
 
 

@@ -27,9 +27,11 @@ rule student_data:
 
 
 rule train_student:
-    """Train the student MACE with mace-torch on all rounds' data up to this one (resumable)."""
+    """Train the student MACE with mace-torch on all rounds' data up to this one, continuing from the
+    previous round's last checkpoint (resumable)."""
     input:
         data=lambda wc: [f"results/student/data_r{r}.xyz" for r in range(int(wc.round) + 1)],
+        warm_start=lambda wc: [] if int(wc.round) == 0 else f"results/student/student_r{int(wc.round) - 1}.model",
     output:
         model="results/student/student_r{round}.model",
         split=directory("results/student/split_r{round}"),
@@ -37,6 +39,7 @@ rule train_student:
         reference=config["student"]["reference"],
         train=config["student"]["train"],
         split=config["student"]["split"],
+        epochs=lambda wc: config["student"]["rounds"][int(wc.round)].get("epochs"),
     log:
         "logs/student/train_r{round}.log",
     conda:
@@ -60,6 +63,7 @@ rule validate_student:
     params:
         reference=config["student"]["reference"],
         md=config["student"]["md_compare"],
+        npt=config["student"]["npt_check"],
     log:
         "logs/student/validate.log",
     conda:

@@ -3,6 +3,7 @@ from octastem.student import data_stage
 
 with stages.logged(snakemake.log[0], snakemake):
     r = dict(snakemake.params["round"])
+    r.pop("epochs", None)  # a training setting of the round
     data_stage(
         snakemake.output.data,
         snakemake.output.summary,

@@ -8,6 +8,8 @@ with stages.logged(snakemake.log[0], snakemake):
         snakemake.output.split,
         reference=snakemake.params.reference,
         threads=snakemake.threads,
+        warm_start=snakemake.input.warm_start or None,
+        epochs=snakemake.params.epochs,
         **dict(snakemake.params.split),
         **dict(snakemake.params.train),
     )

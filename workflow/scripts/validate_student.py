@@ -12,4 +12,5 @@ with stages.logged(snakemake.log[0], snakemake):
         threads=snakemake.threads,
         md_dir=str(Path(snakemake.output.validation).parent / "md_compare"),
         md=dict(snakemake.params.md),
+        npt=dict(snakemake.params.npt),
     )
