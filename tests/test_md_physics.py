@@ -28,26 +28,34 @@ def calc():
 
 
 def test_nvt_average_temperature(calc):
-    """Langevin NVT, 2x2x2 (96 atoms), 300 K, 250 steps of 1 fs, averaged over the last 150 fs.
+    """Langevin NVT at the production step (0.5 fs), 2x2x2 (96 atoms), 300 K target: the kinetic
+    temperature averaged over two independent 1 ps runs is within 10 K of the target.
 
-    The instantaneous temperature of 96 atoms fluctuates by sqrt(2 / 3N) ~ 8 % (~25 K); with a
-    25 fs thermostat the 150 fs window holds about 6-10 independent samples, so the mean has a
-    standard error of ~10 K: the tolerance is 35 K (~3.5 sigma). A potential that is unstable or
-    a thermostat that heats/cools would miss it by far more.
+    96 atoms fluctuate by ~25 K per sample and slow lattice and FA+ rotor modes correlate the
+    samples: single 1 ps runs of this cell were measured between 289.6 and 304.7 K (eight runs,
+    0.25-0.5 fs steps, NVT and NPT; mean 298.6 K), so the mean of two carries ~3-4 K of
+    scatter and 10 K is a ~3 sigma band. In addition, the kinetic temperature of BAOAB at full
+    steps is biased low by O(dt^2) for the stiff X-H modes of FA+ (~2 %, ~6-7 K, measured at
+    1 fs; ~0.5 % at 0.5 fs) while configurations are sampled correctly. The 5 K target is a
+    longer-run property (resources/student/MODEL_CARD.md); a thermostat off by several percent,
+    or a potential that heats or cools, misses this band too.
     """
-    atoms = build_fapbbr3((2, 2, 2))
-    atoms.calc = calc
-    rng = np.random.default_rng(7)
-    MaxwellBoltzmannDistribution(atoms, temperature_K=600, rng=rng)  # equipartition -> ~300 K
-    Stationary(atoms)
-    dyn = LangevinBAOAB(atoms, 1.0 * units.fs, temperature_K=300, T_tau=25 * units.fs, rng=rng)
-    dyn.run(100)
-    temps = []
-    for _ in range(150):
-        dyn.run(1)
-        temps.append(atoms.get_temperature())
-    assert abs(np.mean(temps) - 300.0) < 35.0, np.mean(temps)
-    assert np.isfinite(atoms.get_potential_energy())
+    means = []
+    for seed in (7, 11):
+        atoms = build_fapbbr3((2, 2, 2))
+        atoms.calc = calc
+        rng = np.random.default_rng(seed)
+        MaxwellBoltzmannDistribution(atoms, temperature_K=300, rng=rng)
+        Stationary(atoms)
+        dyn = LangevinBAOAB(atoms, 0.5 * units.fs, temperature_K=300, T_tau=25 * units.fs, rng=rng)
+        dyn.run(200)
+        temps = []
+        for _ in range(500):
+            dyn.run(4)
+            temps.append(atoms.get_temperature())
+        means.append(np.mean(temps))
+        assert np.isfinite(atoms.get_potential_energy())
+    assert abs(np.mean(means) - 300.0) < 10.0, means
 
 
 def test_npt_pristine_cell_stays_cubic(calc, tmp_path):

@@ -663,6 +663,7 @@ def npt_stability(
     force of the barostat: on ``n_stress_frames`` frames of that window the virial stress of the
     reference and of the student are compared (mean difference per Voigt component, GPa); a
     student whose cell wanders off shows a systematic difference there (the reference pulls back).
+    The force RMSE on those frames measures the student on the configurations it visits itself.
     """
     from ase.units import GPa
 
@@ -698,14 +699,16 @@ def npt_stability(
     half = len(frames) // 2
     _, ref = _calculator(reference_path, threads)
     picks = np.unique(np.linspace(0, len(frames) - 1, min(n_stress_frames, len(frames))).round().astype(int))
-    diffs = []
+    diffs, force_diffs = [], []
     for i in picks:
-        out = []
+        out, forces = [], []
         for calc in (ref, stu):
             b = frames[i].copy()
             b.calc = calc
             out.append(b.get_stress(voigt=True) / GPa)
+            forces.append(b.get_forces())
         diffs.append(out[1] - out[0])
+        force_diffs.append(forces[1] - forces[0])
     diffs = np.array(diffs)
     return {
         "settings": dict(
@@ -730,6 +733,8 @@ def npt_stability(
             "mean_voigt": diffs.mean(0).tolist(),
             "rms": float(np.sqrt(np.mean(diffs**2))),
         },
+        # the student's own 300 K NPT frames: the configurations production MD visits, never trained on
+        "force_rmse_on_own_frames_meV_per_A": float(1e3 * np.sqrt(np.mean(np.concatenate(force_diffs) ** 2))),
     }
 
 
