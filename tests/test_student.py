@@ -205,3 +205,26 @@ def test_warm_start_copies_the_previous_rounds_last_checkpoint(tmp_path):
     assert latest_checkpoint(own)[1] == 120 and len(list(own.iterdir())) == 2
     with pytest.raises(InputError, match="no mace checkpoint"):
         seed_checkpoint(tmp_path / "missing.model", tmp_path / "x", "student_r1", 0)
+
+
+def test_npt_stability_report(tmp_path):
+    """The NPT check runs the production protocol and compares stresses and forces frame by frame:
+    against itself the student differs only by float noise, and the cell statistics are sane."""
+    from octastem.student import npt_stability
+
+    r = npt_stability(
+        STUDENT,
+        STUDENT,
+        tmp_path,
+        reps=(1, 1, 1),
+        total_fs=20.0,
+        frame_interval_fs=5.0,
+        analysis_start_fs=5.0,
+        n_stress_frames=2,
+        threads=1,
+    )
+    assert r["n_frames"] == 4 and r["stress_student_minus_reference_GPa"]["n_frames"] == 2
+    assert r["stress_student_minus_reference_GPa"]["rms"] < 1e-5  # two instances of one model: float noise
+    assert r["force_rmse_on_own_frames_meV_per_A"] < 1e-2
+    assert all(5.5 < v < 6.5 for v in r["pseudo_cubic_A"].values())
+    assert (tmp_path / "student_npt.h5").exists()

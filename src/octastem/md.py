@@ -272,6 +272,12 @@ def _read_checkpoint(part: Path, atoms: Atoms, settings: dict) -> dict | None:
     return state
 
 
+def spread(frames: list, n: int) -> list:
+    """``n`` of ``frames`` spread evenly from the first to the last (all of them if there are fewer)."""
+    pick = np.unique(np.linspace(0, len(frames) - 1, min(int(n), len(frames))).round().astype(int))
+    return [frames[i] for i in pick]
+
+
 def read_frames(path: str | os.PathLike, start_fs: float | None = None, every_fs: float | None = None) -> list[Atoms]:
     """Frames of a trajectory file as ASE Atoms (periodic), from ``start_fs`` on, every ``every_fs``."""
     path = Path(path)

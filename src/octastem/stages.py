@@ -225,12 +225,10 @@ def snapshot_potential(
 
 def simulate_4dstem(trajectory, output, start_fs: float, frames: int, n_cells, threads: int = 1, **optics) -> None:
     """Noise-free 4D-STEM of ``frames`` snapshots spread evenly over the analysis window."""
-    from .md import read_frames
+    from .md import read_frames, spread
     from .stem import simulate_4dstem as simulate
 
-    window = read_frames(trajectory, start_fs=start_fs)
-    pick = np.unique(np.linspace(0, len(window) - 1, int(frames)).round().astype(int))
-    chosen = [window[i] for i in pick]
+    chosen = spread(read_frames(trajectory, start_fs=start_fs), frames)
     log.info(
         "%s: simulating %d frozen-phonon frames at t = %s fs",
         trajectory,
@@ -272,13 +270,11 @@ def simulate_nanocrystal(
     """
     from ase.io import write
 
-    from .md import read_frames
+    from .md import read_frames, spread
     from .nanocrystal import build_nanocrystal
     from .stem import simulate_4dstem as simulate
 
-    window = read_frames(trajectory, start_fs=start_fs)
-    pick = np.unique(np.linspace(0, len(window) - 1, int(frames)).round().astype(int))
-    chosen = [window[i] for i in pick]
+    chosen = spread(read_frames(trajectory, start_fs=start_fs), frames)
     times = [a.info["time_fs"] for a in chosen]
     nc = build_nanocrystal(chosen, edge_A=edge_A, vacuum_A=vacuum_A, scan_cells=scan_cells)
     log.info(

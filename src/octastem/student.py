@@ -667,7 +667,7 @@ def npt_stability(
     """
     from ase.units import GPa
 
-    from .md import read_frames, run_npt
+    from .md import read_frames, run_npt, spread
     from .structure import build_fapbbr3
 
     out_dir = Path(out_dir)
@@ -698,12 +698,12 @@ def npt_stability(
     mean = lengths.mean(0)
     half = len(frames) // 2
     _, ref = _calculator(reference_path, threads)
-    picks = np.unique(np.linspace(0, len(frames) - 1, min(n_stress_frames, len(frames))).round().astype(int))
+    picks = spread(frames, n_stress_frames)
     diffs, force_diffs = [], []
-    for i in picks:
+    for frame in picks:
         out, forces = [], []
         for calc in (ref, stu):
-            b = frames[i].copy()
+            b = frame.copy()
             b.calc = calc
             out.append(b.get_stress(voigt=True) / GPa)
             forces.append(b.get_forces())
