@@ -358,3 +358,26 @@ def test_fast_path_bad_inputs():
         fit_columns(synth(n=(2, 2), offset=(A / 2, 0.0))[0], s, n, cell, method="fast")
     with pytest.raises(InputError, match="method"):
         fit_columns(img, s, n, cell, method="gradient")
+
+
+def test_failed_baseline_leaves_the_measurement(tmp_path, monkeypatch):
+    """When the round-column baseline cannot be fitted (too noisy an image for round columns), the
+    measured values are still written, with a NaN baseline and the reason in the summary."""
+    import octastem.fit as fit_module
+
+    img, s, n, cell, _ = synth(n=(2, 2), ratio=1.2, noise=0.01)
+    path = tmp_path / "phase.h5"
+    write_image(path, img, s, "phase", n_cells=list(n), cell_A=list(cell))
+
+    def fails(*args, **kwargs):
+        raise InputError("image: columns not found: only 3 of 8 Br column fits succeeded")
+
+    monkeypatch.setattr(fit_module, "round_baseline", fails)
+    out_csv, out_json = tmp_path / "fit.csv", tmp_path / "fit.json"
+    fit_image_file(path, out_csv, out_json, types=("Br",))
+    saved = json.loads(out_json.read_text())
+    br = saved["summary"]["Br"]
+    assert br["median_ellipticity"] == pytest.approx(1.2, abs=0.02)
+    assert np.isnan(br["baseline_median_ellipticity"]) and np.isnan(br["baseline_se"])
+    assert "columns not found" in saved["baseline"]["error"]
+    assert len(pd.read_csv(out_csv)) == 8

@@ -37,6 +37,7 @@ Cramér-Rao bounds of the fitted parameters.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from pathlib import Path
@@ -91,6 +92,8 @@ RESULT_COLUMNS = [
     "nfev",
     "n_pixels",
 ]
+
+log = logging.getLogger("octastem")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1509,8 +1512,13 @@ def fit_image_file(
             neighbours=neighbours,
             method=method,
         )
-        base = None
-        if baseline:
+    except InputError as e:
+        raise InputError(f"{image_path}: {e}") from e
+    base, baseline_error = None, None
+    if baseline:
+        # a secondary estimate: when the round columns cannot be fitted at this noise level the
+        # measured values stand without it (NaN baseline, reason in the summary)
+        try:
             base = round_baseline(
                 image,
                 attrs["sampling_A"],
@@ -1527,8 +1535,10 @@ def fit_image_file(
                 max_pixels=max_pixels,
                 neighbours=neighbours,
             )
-    except InputError as e:
-        raise InputError(f"{image_path}: {e}") from e
+        except InputError as e:
+            baseline_error = str(e)
+            log.warning("%s: no round-column baseline: %s", image_path, e)
+            base = {}
     per_type = summarize(df, se_method=se_method, n_boot=n_boot, seed=seed)
     if base is not None:
         for typ, entry in per_type.items():
@@ -1549,7 +1559,11 @@ def fit_image_file(
         "fit_seconds": df.attrs["fit_seconds"],
         "method": method,
         "summary": per_type,
-        "baseline": None if base is None else {k: base[k] for k in ("noise", "noise_sigma", "seed")},
+        "baseline": None
+        if base is None
+        else {"error": baseline_error}
+        if baseline_error
+        else {k: base[k] for k in ("noise", "noise_sigma", "seed")},
         "provenance": provenance(
             seed=seed,
             se_method=se_method,
