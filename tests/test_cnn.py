@@ -279,8 +279,8 @@ def test_reconstruct_dispatch_uses_committed_weights():
     stem = make_stem()
     image, sampling = reconstruct(stem, "cnn")
     assert image.shape == (6 * cnn.UPSAMPLE, 5 * cnn.UPSAMPLE) and sampling == pytest.approx(0.075)
-    finer, s2 = reconstruct(stem, "cnn", sampling_A=0.05)  # Fourier-interpolated by 2
-    assert finer.shape == (12 * cnn.UPSAMPLE, 10 * cnn.UPSAMPLE) and s2 == pytest.approx(0.0375)
+    finer, s2 = reconstruct(stem, "cnn", sampling_A=0.05)  # Fourier-interpolated onto 0.05 A pixels
+    assert finer.shape == (36, 30) and s2 == pytest.approx(0.05)
 
 
 def test_held_out_structure_and_metrics():

@@ -8,7 +8,7 @@ from abtem.core.energy import energy2wavelength
 
 from octastem.io import InputError, Stem4D
 from octastem.potential import projected_potential
-from octastem.reconstruct import center_of_mass, icom, integrate_gradient, reconstruct
+from octastem.reconstruct import center_of_mass, icom, integrate_gradient, reconstruct, square_grid, square_pixels
 from octastem.stem import simulate_4dstem
 from octastem.structure import build_fapbbr3
 
@@ -74,6 +74,55 @@ def test_icom_recovers_known_phase(rotation_deg):
     # of the highest harmonic: a few per cent of the amplitude at most
     assert pearson(image, phase) > 0.995
     assert np.abs(image - (phase - phase.mean())).max() < 0.05 * np.abs(phase).max()
+
+
+def periodic_wave(x, y, lx, ly):
+    """A band-limited function periodic on lx x ly (harmonics up to 3)."""
+    return (
+        np.cos(2 * np.pi * 2 * x / lx)
+        + 0.5 * np.sin(2 * np.pi * (3 * y / ly + 0.1))
+        + 0.7 * np.cos(2 * np.pi * (x / lx - 2 * y / ly))
+    )
+
+
+def test_square_pixels_keeps_the_geometry_of_unequal_scan_steps():
+    # 40 x 40 pixels of 0.30 A x 0.306 A: a 12.00 A x 12.24 A cell, as an averaged cell of a
+    # slightly orthorhombic lattice
+    nx = ny = 40
+    px, py = 0.30, 0.306
+    lx, ly = nx * px, ny * py
+    X, Y = np.meshgrid(np.arange(nx) * px, np.arange(ny) * py)
+    image, s = square_pixels(periodic_wave(X, Y, lx, ly), px, py, sampling_A=0.1)
+    m_y, m_x = image.shape
+    # square pixels no coarser than asked, a whole number of them along both sides of the cell
+    assert s <= 0.1 and m_x * s == pytest.approx(lx, rel=1e-12) and m_y * s == pytest.approx(ly, rel=1e-3)
+    # the resampled image is the same function on the new grid (Fourier interpolation is exact)
+    Xs, Ys = np.meshgrid(np.arange(m_x) * lx / m_x, np.arange(m_y) * ly / m_y)
+    np.testing.assert_allclose(image, periodic_wave(Xs, Ys, lx, ly), atol=1e-5)
+    # the old behaviour, one mean pixel size for both axes, would misplace the far edge by 1 %
+    assert abs(ny * 0.5 * (px + py) - ly) > 0.1 and abs(m_y * s - ly) < 0.02
+    # equal steps and no finer sampling asked: unchanged
+    same, s_same = square_pixels(image, s, s)
+    assert s_same == s and np.array_equal(same, image)
+    assert square_grid(12.0, 12.0, 0.1) == (120, 120)
+
+
+def test_icom_image_spans_the_scanned_cell_with_unequal_steps():
+    phase, gx, gy, _ = known_phase(ny=24, nx=30, step=0.25)
+    scale = energy2wavelength(ENERGY) / (2 * np.pi) * 1e3
+    # the same phase, scanned with 0.25 A along x and 0.27 A along y: the gradient along y is
+    # smaller by 0.25 / 0.27 in rad/A
+    sy = 0.27
+    stem = make_stem(spot_patterns(scale * gx, scale * gy * 0.25 / sy), 0.26)
+    stem.extra.update(scan_step_x_A=0.25, scan_step_y_A=sy)
+    image, s = reconstruct(stem, "icom", sampling_A=0.1)
+    assert s <= 0.1
+    assert image.shape[1] * s == pytest.approx(30 * 0.25, rel=1e-9)
+    assert image.shape[0] * s == pytest.approx(24 * sy, rel=2e-3)
+    # read at the scan positions (nearest pixel), it is the phase
+    rows = np.round(np.arange(24) * image.shape[0] / 24).astype(int)
+    cols = np.round(np.arange(30) * image.shape[1] / 30).astype(int)
+    assert pearson(image[np.ix_(rows, cols)], phase) > 0.99
 
 
 def test_integrate_gradient_is_exact_for_spectral_gradients():

@@ -131,6 +131,51 @@ def fourier_upsample(image: np.ndarray, factor: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
+def square_grid(extent_x: float, extent_y: float, sampling_A: float, max_relative: float = 1e-3) -> tuple[int, int]:
+    """Pixel counts (m_x, m_y) of a square-pixel grid over extent_x x extent_y A with pixels no coarser
+    than ``sampling_A``: the first m_x (from extent_x / sampling_A up) whose pixel extent_x / m_x
+    also divides extent_y to within ``max_relative``, else the best one in a 20 % range."""
+    start = int(np.ceil(extent_x / sampling_A - 1e-9))
+    best = None
+    for m_x in range(start, max(start + 1, int(np.ceil(1.2 * start)) + 1)):
+        s = extent_x / m_x
+        m_y = max(1, int(round(extent_y / s)))
+        err = abs(extent_y / s - m_y) / m_y
+        if best is None or err < best[0]:
+            best = (err, m_x, m_y)
+        if err <= max_relative:
+            break
+    return best[1], best[2]
+
+
+def square_pixels(
+    image: np.ndarray, pixel_x_A: float, pixel_y_A: float, sampling_A: float | None = None
+) -> tuple[np.ndarray, float]:
+    """Periodic (Fourier) resampling of ``image`` (y, x), pixels ``pixel_x_A`` x ``pixel_y_A``, onto
+    square pixels over the same extent; returns (image float32, pixel size A).
+
+    The pixel is at most ``sampling_A`` and at most the finer input pixel (no information is
+    dropped), chosen so that both axes hold a whole number of pixels (:func:`square_grid`): the
+    image keeps spanning the scanned cell, so column positions and shapes keep their geometry when
+    the scan steps differ along x and y (a periodic cell with unequal sides, an averaged cell of a
+    measured lattice). Exact for the periodic, band-limited images iCOM and the CNN produce.
+    """
+    from scipy.signal import resample
+
+    ny, nx = image.shape
+    px, py = float(pixel_x_A), float(pixel_y_A)
+    target = min(px, py) if sampling_A is None else min(float(sampling_A), px, py)
+    if px == py and (sampling_A is None or sampling_A >= px):
+        return np.asarray(image, dtype=np.float32), px
+    m_x, m_y = square_grid(nx * px, ny * py, target)
+    out = np.asarray(image, dtype=np.float64)
+    if m_y != ny:
+        out = resample(out, m_y, axis=0)
+    if m_x != nx:
+        out = resample(out, m_x, axis=1)
+    return out.astype(np.float32), nx * px / m_x
+
+
 def reconstruct(
     stem: Stem4D,
     method: str = "icom",
@@ -138,12 +183,13 @@ def reconstruct(
     weights: str | None = None,
     device: str = "auto",
 ) -> tuple[np.ndarray, float]:
-    """Phase image (y, x) and its sampling (A) by ``method`` (one of :data:`METHODS`).
+    """Phase image (y, x) on square pixels and its pixel size (A) by ``method`` (one of :data:`METHODS`).
 
     ``icom`` gives one pixel per scan step; ``cnn`` (weights from ``weights``, default
-    ``resources/cnn/weights.pt``, on ``device``) gives 4 pixels per scan step. With ``sampling_A``
-    finer than that native sampling, the image is Fourier-interpolated by the integer factor
-    ceil(native / sampling_A).
+    ``resources/cnn/weights.pt``, on ``device``) gives 4 pixels per scan step. The image is
+    Fourier-resampled (:func:`square_pixels`) onto square pixels spanning the scanned extent,
+    of ``sampling_A`` when that is finer than native, and also when the scan steps along x and y
+    differ (``extra`` scan_step_x_A / scan_step_y_A).
     """
     if method == "icom":
         image, step = icom(stem)
@@ -153,7 +199,10 @@ def reconstruct(
         image, step = predict_phase(stem, weights=weights, device=device)
     else:
         raise InputError(f"reconstruct: unknown method {method!r}; expected one of {list(METHODS)}")
-    if sampling_A is not None and sampling_A < step:
-        factor = int(np.ceil(step / sampling_A - 1e-9))
-        return fourier_upsample(image, factor), step / factor
-    return image, step
+    step_x, step_y = _axis_pair(stem, "scan_step_x_A", "scan_step_y_A", stem.scan_step_A)
+    scan_y, scan_x = stem.data.shape[:2]
+    pixel_x = step_x * scan_x / image.shape[1]
+    pixel_y = step_y * scan_y / image.shape[0]
+    if sampling_A is not None and not sampling_A < step:
+        sampling_A = None
+    return square_pixels(image, pixel_x, pixel_y, sampling_A)
