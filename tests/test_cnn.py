@@ -237,6 +237,46 @@ def test_training_decreases_loss_and_resumes_identically(tmp_path):
         cnn.train([shard], tmp_path / "part", other, device="cpu", threads=1)
 
 
+def test_fine_tune_starts_from_weights_and_keeps_their_validation_scans_out(tmp_path):
+    first = synthetic_shard(tmp_path / "shard_a.h5", n_scans=3, seed=0)
+    config = cnn.TrainConfig(
+        seed=3,
+        epochs=3,
+        steps_per_epoch=10,
+        batch_size=32,
+        lr=3e-3,
+        val_fraction=0.34,
+        val_batches=2,
+        width=8,
+        hidden=32,
+    )
+    base = cnn.train([first], tmp_path / "base", config, device="cpu", threads=1)
+    (held,) = base["val_scans"]
+    # a second shard and another split seed: the base model's validation scan stays out of training
+    second = synthetic_shard(tmp_path / "shard_b.h5", n_scans=3, seed=1)
+    tune = cnn.TrainConfig(
+        **{**config.__dict__, "seed": 5, "epochs": 2, "init_weights": str(tmp_path / "base" / "weights.pt")}
+    )
+    train_names, val_names = cnn.split_scans([first, second], tune.val_fraction, tune.seed, keep_out=[held])
+    assert tuple(held) in [tuple(v) for v in val_names] and tuple(held) not in [tuple(t) for t in train_names]
+    # the fine-tune starts at the base model's loss, far below a fresh model's first epoch
+    fresh = cnn.train(
+        [first, second],
+        tmp_path / "fresh",
+        cnn.TrainConfig(**{**tune.__dict__, "init_weights": None}),
+        device="cpu",
+        threads=1,
+    )
+    tuned = cnn.train([first, second], tmp_path / "tuned", tune, device="cpu", threads=1)
+    assert tuple(held) in [tuple(v) for v in tuned["val_scans"]]
+    assert tuned["final_train_loss"] < 0.85 * fresh["final_train_loss"]
+    assert tuned["final_train_loss"] < 1.2 * base["final_train_loss"]
+    # weights of another network size are refused
+    wide = cnn.TrainConfig(**{**tune.__dict__, "width": 16})
+    with pytest.raises(InputError, match="width"):
+        cnn.train([first], tmp_path / "wide", wide, device="cpu", threads=1)
+
+
 def test_training_set_excludes_held_out_material():
     from octastem import cnn_data
 
@@ -250,6 +290,44 @@ def test_training_set_excludes_held_out_material():
         assert symbols.count("C") == symbols.count("N") > 0
         assert np.allclose(atoms.cell.angles(), 90.0, atol=0.5)
         assert min(atoms.cell.lengths()[:2]) >= cnn_data.MIN_CELL_A
+
+
+def _in_plane_displacements(before, after):
+    d = after.positions - before.positions
+    lengths = before.cell.lengths()
+    return d - np.round(d / lengths) * lengths
+
+
+def test_static_distortion_splits_or_spreads_one_species():
+    from octastem import cnn_data
+
+    atoms, _ = cnn_data.random_structure(np.random.default_rng(2), "perovskite")
+    seen = set()
+    for k in range(12):
+        out, info = cnn_data.static_distortion(atoms, np.random.default_rng(k))
+        seen.add(info["static_mode"])
+        d = _in_plane_displacements(atoms, out)
+        symbols = np.array(atoms.get_chemical_symbols())
+        moved = symbols == info["static_species"]
+        amp = info["static_amplitude_A"]
+        assert cnn_data.STATIC_AMPLITUDE_A[0] <= amp <= cnn_data.STATIC_AMPLITUDE_A[1]
+        # only that species moves, only in the plane
+        assert np.abs(d[~moved]).max() < 1e-9 and np.abs(d[:, 2]).max() < 1e-9
+        if info["static_mode"] == "split":
+            # every atom by the amplitude; along each column the direction alternates
+            np.testing.assert_allclose(np.hypot(d[moved, 0], d[moved, 1]), amp, rtol=1e-9)
+            pos = atoms.positions[moved]
+            dm = d[moved]
+            key = np.round(pos[:, :2] / 0.2).astype(int)
+            for col in np.unique(key, axis=0):
+                members = np.flatnonzero((key == col).all(axis=1))
+                members = members[np.argsort(pos[members, 2])]
+                if len(members) > 1:
+                    np.testing.assert_allclose(dm[members[1:]], -dm[members[:-1]], atol=1e-9)
+        else:
+            rms = np.sqrt((d[moved, :2] ** 2).mean())
+            assert 0.6 * amp < rms < 1.4 * amp
+    assert seen == set(cnn_data.STATIC_MODES)
 
 
 def test_simulate_scan_conventions():

@@ -656,10 +656,16 @@ class TrainConfig:
     noise_free_fraction: float = 0.15
     width: int = 32
     hidden: int = 256
+    init_weights: str | None = None  # fine-tune: start from these weights (same width and hidden)
 
 
-def split_scans(shards: Sequence[str | os.PathLike], val_fraction: float, seed: int) -> tuple[list, list]:
-    """Deterministic split of all (shard, scan) names into training and validation scans."""
+def split_scans(
+    shards: Sequence[str | os.PathLike], val_fraction: float, seed: int, keep_out: Sequence | None = None
+) -> tuple[list, list]:
+    """Deterministic split of all (shard, scan) names into training and validation scans.
+
+    ``keep_out``: (shard, scan) names that go to validation whatever the draw (the validation
+    scans of the weights a fine-tune starts from, so they stay unseen)."""
     names = []
     for shard in shards:
         with h5py.File(shard, "r") as f:
@@ -667,8 +673,14 @@ def split_scans(shards: Sequence[str | os.PathLike], val_fraction: float, seed: 
     rng = np.random.default_rng(seed + 7919)
     order = rng.permutation(len(names))
     n_val = max(1, int(round(val_fraction * len(names)))) if len(names) > 1 else 0
-    val = [names[i] for i in order[:n_val]]
-    train = [names[i] for i in order[n_val:]]
+    forced = {(Path(a).name, b) for a, b in (keep_out or [])}
+    is_val = np.zeros(len(names), bool)
+    is_val[order[:n_val]] = True
+    for i, (a, b) in enumerate(names):
+        if (Path(a).name, b) in forced:
+            is_val[i] = True
+    val = [names[i] for i in order if is_val[i]]
+    train = [names[i] for i in order if not is_val[i]]
     return train, val
 
 
@@ -692,6 +704,9 @@ def train(
     resumed from when present), ``weights.pt`` (final), ``curve.csv`` / ``curve.png`` (training
     and validation loss per epoch) and ``training.json``.
 
+    ``config.init_weights``: fine-tune, starting from those weights; their validation scans
+    (recorded in their metadata) stay in validation.
+
     Loss: mean squared patch error divided by the variance of the scan's target phase
     (scale-free across thin/light and thick/heavy crystals). Validation: held-out scans
     (``val_fraction``) at fixed doses and noise seeds. Deterministic for a given seed on one
@@ -709,11 +724,24 @@ def train(
     dev = resolve_device(device)
     torch.manual_seed(config.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    train_names, val_names = split_scans(shards, config.val_fraction, config.seed)
+    init = None
+    if config.init_weights is not None:
+        if not Path(config.init_weights).exists():
+            raise InputError(f"init_weights: {config.init_weights}: file not found")
+        init = torch.load(config.init_weights, map_location="cpu", weights_only=False)
+    keep_out = init.get("metadata", {}).get("val_scans") if init else None
+    train_names, val_names = split_scans(shards, config.val_fraction, config.seed, keep_out=keep_out)
     train_set = TrainingSet(shards, train_names)
     val_set = TrainingSet(shards, val_names) if val_names else None
     mconf = ModelConfig(width=config.width, hidden=config.hidden)
     model = build_model(mconf).to(dev)
+    if init is not None:
+        if {k: init["config"].get(k) for k in ("width", "hidden")} != {"width": mconf.width, "hidden": mconf.hidden}:
+            raise InputError(
+                f"init_weights: {config.init_weights}: network width/hidden {init['config']} differ from the "
+                f"training settings (width={mconf.width}, hidden={mconf.hidden})"
+            )
+        model.load_state_dict(init["model"])
     opt = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     total_steps = config.epochs * config.steps_per_epoch
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=config.lr, total_steps=total_steps, pct_start=0.1)

@@ -8,6 +8,9 @@ in-plane cell (multislice, frozen phonons), stored with the ground-truth phase o
   per-prototype tables, lattice parameters jittered by +-3 %;
 - orientation: a random low-index zone axis ([001], [110], [111] and their hexagonal analogues),
   made orthorhombic with :func:`abtem.atoms.orthogonalize_cell`;
+- static distortions (:func:`static_distortion`, half of the scans by default): one species
+  displaced alternately along the beam (split columns, as octahedral tilts make) or at random
+  (static disorder), 0.05-0.3 A, so the network also sees elongated and two-lobe columns;
 - thickness 6-40 A, energy 80/200/300 kV, convergence semi-angle 15-30 mrad, scan step
   0.2-0.45 A, frozen-phonon frames with anisotropic random displacements;
 - dose: the patterns are stored noise free; Poisson noise at a random dose (10 e/A^2 to noise
@@ -249,6 +252,53 @@ def random_structure(rng: np.random.Generator, prototype: str | None = None) -> 
     raise RuntimeError("cnn_data: could not draw a structure in 50 tries")
 
 
+#: static displacement amplitudes (A) of :func:`static_distortion`
+STATIC_AMPLITUDE_A = (0.05, 0.3)
+STATIC_MODES = ("split", "random")
+
+
+def static_distortion(atoms: Atoms, rng: np.random.Generator) -> tuple[Atoms, dict]:
+    """Static in-plane displacements of one species (the same in every frozen-phonon frame).
+
+    Crystals in the field are rarely ideal: octahedral tilts move the anions of a perovskite
+    off the Pb-X-Pb line, alternately along the beam, and static disorder spreads the atoms of
+    a column. Projected, both make elongated or split columns, which frozen-phonon blur alone
+    does not produce. A species drawn at random (not hydrogen) is displaced by an amplitude drawn from
+    :data:`STATIC_AMPLITUDE_A`, in one of two modes: ``split``, every column gets a random
+    in-plane direction and its atoms, in order along the beam, move by +-amplitude alternately
+    (a two-lobe column, as tilts make); ``random``, every atom moves by a Gaussian in-plane
+    vector of rms ``amplitude`` per axis (static disorder). Returns (distorted copy, description).
+    """
+    out = atoms.copy()
+    symbols = np.array(out.get_chemical_symbols())
+    species = sorted(set(symbols) - {"H"}) or ["H"]  # hydrogen barely scatters
+    sp = str(species[rng.integers(len(species))])
+    amp = float(rng.uniform(*STATIC_AMPLITUDE_A))
+    mode = STATIC_MODES[rng.integers(len(STATIC_MODES))]
+    idx = np.flatnonzero(symbols == sp)
+    pos = out.positions
+    if mode == "split":
+        # columns: the same in-plane position (to 0.2 A, periodic in the cell)
+        lx, ly = out.cell.lengths()[:2]
+        key = np.round(np.column_stack([pos[idx, 0] % lx, pos[idx, 1] % ly]) / 0.2).astype(int)
+        key[:, 0] %= max(1, round(lx / 0.2))
+        key[:, 1] %= max(1, round(ly / 0.2))
+        _, column = np.unique(key, axis=0, return_inverse=True)
+        column = column.ravel()
+        for c in range(column.max() + 1):
+            members = idx[column == c]
+            members = members[np.argsort(pos[members, 2])]
+            phi = rng.uniform(0, 2 * np.pi)
+            sign = np.where(np.arange(len(members)) % 2 == 0, 1.0, -1.0)
+            pos[members, 0] += amp * sign * np.cos(phi)
+            pos[members, 1] += amp * sign * np.sin(phi)
+    else:
+        pos[idx, :2] += rng.normal(size=(len(idx), 2)) * amp
+    out.positions = pos
+    out.wrap()
+    return out, {"static_species": sp, "static_amplitude_A": amp, "static_mode": mode}
+
+
 def frozen_phonon_frames(atoms: Atoms, n_frames: int, rng: np.random.Generator) -> list[Atoms]:
     """``n_frames`` copies with Gaussian displacements of random anisotropic rms (0.03-0.12 A per axis)."""
     sigma = rng.uniform(0.03, 0.12, size=3)
@@ -324,14 +374,26 @@ def simulate_scan(
     }
 
 
-def random_example(rng: np.random.Generator, n_frames: int = 2) -> dict:
-    """One random training scan: structure, optics, simulation, canonical patterns and target phase."""
+def random_example(
+    rng: np.random.Generator,
+    n_frames: int = 2,
+    static_rng: np.random.Generator | None = None,
+    static_fraction: float = 0.0,
+) -> dict:
+    """One random training scan: structure, optics, simulation, canonical patterns and target phase.
+
+    With ``static_rng``, a fraction ``static_fraction`` of the structures get a
+    :func:`static_distortion` drawn from it (a separate stream, so the structures and optics
+    drawn from ``rng`` do not depend on it)."""
     from . import cnn
 
     atoms, info = random_structure(rng)
     energy = float(ENERGIES_EV[rng.integers(len(ENERGIES_EV))]) if rng.random() < 0.6 else 300e3
     semiangle = float(rng.uniform(15.0, 30.0))
     step = float(rng.uniform(0.2, 0.45))
+    if static_rng is not None and static_rng.random() < static_fraction:
+        atoms, static = static_distortion(atoms, static_rng)
+        info.update(static)
     frames = frozen_phonon_frames(atoms, n_frames, rng)
     sim = simulate_scan(frames, energy, semiangle, step)
     patterns = cnn.canonical_patterns(sim["data"], sim["k_sampling_x_mrad"], sim["k_sampling_y_mrad"], semiangle)
@@ -350,8 +412,19 @@ def random_example(rng: np.random.Generator, n_frames: int = 2) -> dict:
     return {"patterns": patterns, "phase": phase, "info": info}
 
 
-def write_shard(path: str | os.PathLike, n_scans: int, seed: int, n_frames: int = 2, progress: bool = False) -> dict:
+def write_shard(
+    path: str | os.PathLike,
+    n_scans: int,
+    seed: int,
+    n_frames: int = 2,
+    progress: bool = False,
+    static_fraction: float = 0.5,
+) -> dict:
     """Generate ``n_scans`` random training scans with ``np.random.default_rng(seed)`` into an HDF5 shard.
+
+    A fraction ``static_fraction`` of them carry a :func:`static_distortion` (drawn from
+    ``np.random.default_rng([seed, 1])``; with 0 the shard is that of the frozen-phonon-only
+    generator of the same seed).
 
     Returns a summary (number of scans and positions, prototypes drawn, seconds).
     """
@@ -361,20 +434,26 @@ def write_shard(path: str | os.PathLike, n_scans: int, seed: int, n_frames: int 
 
     if n_scans < 1:
         raise InputError(f"cnn_data: n_scans must be >= 1, got {n_scans}")
+    if not 0.0 <= static_fraction <= 1.0:
+        raise InputError(f"cnn_data: static_fraction must be in [0, 1], got {static_fraction}")
     rng = np.random.default_rng(seed)
+    static_rng = np.random.default_rng([seed, 1])
     t0 = time.perf_counter()
     counts: dict[str, int] = {}
-    n_positions = 0
+    n_positions = n_static = 0
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["provenance"] = provenance(seed=seed, n_scans=n_scans, n_frames=n_frames)
+        f.attrs["provenance"] = provenance(
+            seed=seed, n_scans=n_scans, n_frames=n_frames, static_fraction=static_fraction
+        )
         for i in tqdm(range(n_scans), desc=f"shard {Path(path).name}", unit="scan", disable=not progress):
-            ex = random_example(rng, n_frames=n_frames)
+            ex = random_example(rng, n_frames=n_frames, static_rng=static_rng, static_fraction=static_fraction)
             g = f.create_group(f"scan_{i:05d}")
             g.create_dataset("patterns", data=ex["patterns"], compression="gzip", compression_opts=1)
             g.create_dataset("phase", data=ex["phase"])
             for k, v in ex["info"].items():
                 g.attrs[k] = v
             counts[ex["info"]["prototype"]] = counts.get(ex["info"]["prototype"], 0) + 1
+            n_static += "static_mode" in ex["info"]
             n_positions += ex["patterns"].shape[0] * ex["patterns"].shape[1]
     return {
         "path": str(path),
@@ -382,5 +461,6 @@ def write_shard(path: str | os.PathLike, n_scans: int, seed: int, n_frames: int 
         "n_scans": int(n_scans),
         "n_positions": int(n_positions),
         "prototypes": counts,
+        "n_static_distortion": int(n_static),
         "seconds": time.perf_counter() - t0,
     }

@@ -553,11 +553,13 @@ def table1_plot(csv, output) -> None:
 # ----------------------------------------------------------------------------------------------
 
 
-def cnn_training_set(output, n_scans: int, n_frames: int, seed: int) -> None:
+def cnn_training_set(output, n_scans: int, n_frames: int, seed: int, static_fraction: float = 0.5) -> None:
     from .cnn_data import write_shard
 
     with io.atomic_path(output) as tmp:
-        summary = write_shard(tmp, n_scans=n_scans, seed=seed, n_frames=n_frames, progress=True)
+        summary = write_shard(
+            tmp, n_scans=n_scans, seed=seed, n_frames=n_frames, progress=True, static_fraction=static_fraction
+        )
     log.info("%s: %s", output, summary)
 
 

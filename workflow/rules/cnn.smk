@@ -5,6 +5,7 @@ rule cnn_training_set:
     params:
         n_scans=config["cnn"]["scans_per_shard"],
         n_frames=config["cnn"]["frames"],
+        static_fraction=config["cnn"]["static_fraction"],
         seed=lambda wc: config["cnn"]["train"]["seed"] * 1000 + int(wc.shard),
     log:
         "logs/cnn/training_set_{shard}.log",
@@ -23,6 +24,7 @@ rule train_cnn:
     """Train the CNN (GPU when present); resumes from its checkpoint; writes validation curves."""
     input:
         shards=expand("results/cnn/training_set/shard_{shard}.h5", shard=range(config["cnn"]["shards"])),
+        init=[config["cnn"]["train"]["init_weights"]] if config["cnn"]["train"].get("init_weights") else [],
     output:
         weights="results/cnn/train/weights.pt",
         curve=report("results/cnn/train/curve.png", category="CNN", caption="../report/cnn_curve.rst"),
