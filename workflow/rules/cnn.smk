@@ -1,3 +1,11 @@
+CNN_SHARDS = [
+    f"{k:02d}"
+    for k in (
+        range(config["cnn"]["shards"]) if isinstance(config["cnn"]["shards"], int) else config["cnn"]["shards"]
+    )
+]
+
+
 rule cnn_training_set:
     """One HDF5 shard of abTEM 4D-STEM training scans over many crystal prototypes (FAPbBr3 held out)."""
     output:
@@ -23,7 +31,7 @@ rule cnn_training_set:
 rule train_cnn:
     """Train the CNN (GPU when present); resumes from its checkpoint; writes validation curves."""
     input:
-        shards=expand("results/cnn/training_set/shard_{shard}.h5", shard=range(config["cnn"]["shards"])),
+        shards=expand("results/cnn/training_set/shard_{shard}.h5", shard=CNN_SHARDS),
         init=[config["cnn"]["train"]["init_weights"]] if config["cnn"]["train"].get("init_weights") else [],
     output:
         weights="results/cnn/train/weights.pt",
