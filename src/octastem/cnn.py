@@ -241,8 +241,9 @@ def resolve_device(device: str = "auto") -> str:
     return device
 
 
-def load_model(weights: str | os.PathLike | None = None, device: str = "auto"):
-    """Model with weights from ``weights`` (default ``resources/cnn/weights.pt``), in eval mode."""
+def read_weights(weights: str | os.PathLike | None = None) -> dict:
+    """The validated contents of a weights file (default ``resources/cnn/weights.pt``): 'model'
+    (state dict), 'config' (:class:`ModelConfig` fields) and 'metadata'."""
     import torch
 
     path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
@@ -260,7 +261,13 @@ def load_model(weights: str | os.PathLike | None = None, device: str = "auto"):
             f"{path}: weights for upsample={config.upsample}, patch={config.patch}, n_k={config.n_k}; this code "
             f"uses {UPSAMPLE}, {PATCH}, {N_K}"
         )
-    model = build_model(config)
+    return blob
+
+
+def load_model(weights: str | os.PathLike | None = None, device: str = "auto"):
+    """Model with weights from ``weights`` (default ``resources/cnn/weights.pt``), in eval mode."""
+    blob = read_weights(weights)
+    model = build_model(ModelConfig(**blob["config"]))
     model.load_state_dict(blob["model"])
     model.eval()
     return model.to(resolve_device(device))
@@ -724,11 +731,7 @@ def train(
     dev = resolve_device(device)
     torch.manual_seed(config.seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
-    init = None
-    if config.init_weights is not None:
-        if not Path(config.init_weights).exists():
-            raise InputError(f"init_weights: {config.init_weights}: file not found")
-        init = torch.load(config.init_weights, map_location="cpu", weights_only=False)
+    init = read_weights(config.init_weights) if config.init_weights is not None else None
     keep_out = init.get("metadata", {}).get("val_scans") if init else None
     train_names, val_names = split_scans(shards, config.val_fraction, config.seed, keep_out=keep_out)
     train_set = TrainingSet(shards, train_names)
