@@ -201,19 +201,15 @@ def synthetic_shard(path, n_scans=3, ny=8, nx=8, seed=0):
     return path
 
 
+def tiny_train_config(**changes) -> cnn.TrainConfig:
+    """A small network and a short run on the synthetic shards."""
+    settings = dict(seed=3, batch_size=32, lr=3e-3, val_fraction=0.34, val_batches=2, width=8, hidden=32)
+    return cnn.TrainConfig(**{**settings, **changes})
+
+
 def test_training_decreases_loss_and_resumes_identically(tmp_path):
     shard = synthetic_shard(tmp_path / "shard.h5")
-    config = cnn.TrainConfig(
-        seed=3,
-        epochs=4,
-        steps_per_epoch=12,
-        batch_size=32,
-        lr=3e-3,
-        val_fraction=0.34,
-        val_batches=2,
-        width=8,
-        hidden=32,
-    )
+    config = tiny_train_config(epochs=4, steps_per_epoch=12)
     full = cnn.train([shard], tmp_path / "full", config, device="cpu", threads=1)
     hist = [row for row in (tmp_path / "full" / "curve.csv").read_text().splitlines()[1:]]
     train_losses = [float(r.split(",")[1]) for r in hist]
@@ -239,17 +235,7 @@ def test_training_decreases_loss_and_resumes_identically(tmp_path):
 
 def test_fine_tune_starts_from_weights_and_keeps_their_validation_scans_out(tmp_path):
     first = synthetic_shard(tmp_path / "shard_a.h5", n_scans=3, seed=0)
-    config = cnn.TrainConfig(
-        seed=3,
-        epochs=3,
-        steps_per_epoch=10,
-        batch_size=32,
-        lr=3e-3,
-        val_fraction=0.34,
-        val_batches=2,
-        width=8,
-        hidden=32,
-    )
+    config = tiny_train_config(epochs=3, steps_per_epoch=10)
     base = cnn.train([first], tmp_path / "base", config, device="cpu", threads=1)
     (held,) = base["val_scans"]
     # a second shard and another split seed: the base model's validation scan stays out of training

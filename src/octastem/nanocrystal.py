@@ -40,6 +40,7 @@ import numpy as np
 from ase import Atoms
 
 from .io import InputError
+from .potential import check_nearly_orthorhombic
 
 #: Composition of one formamidinium cation CH(NH2)2+.
 FA_FORMULA = {"C": 1, "H": 5, "N": 2}
@@ -47,9 +48,6 @@ FA_FORMULA = {"C": 1, "H": 5, "N": 2}
 #: Bond cutoffs (A) that group C, N and H atoms into FA molecules (bonds 1.0-1.35 A; the closest
 #: intermolecular N-H and H-H contacts in FAPbBr3 are beyond 2 A).
 BOND_CUTOFFS_A = {("C", "N"): 1.7, ("C", "H"): 1.4, ("N", "H"): 1.35}
-
-#: Largest tolerated off-diagonal cell element, as a fraction of the cell length (as for potentials).
-MAX_SHEAR_FRACTION = 0.05
 
 
 @dataclass
@@ -131,16 +129,7 @@ def _check_frames(frames: Atoms | Sequence[Atoms]) -> list[Atoms]:
                 f"nanocrystal: frame {k} has other atoms than frame 0 ({len(f)} vs {len(ref)}); "
                 "the frames must come from one trajectory"
             )
-        cell = np.asarray(f.cell[:], dtype=float)
-        lengths = np.linalg.norm(cell, axis=1)
-        if np.any(lengths <= 0) or abs(np.linalg.det(cell)) < 1e-6:
-            raise InputError(f"nanocrystal: frame {k} has a degenerate cell {cell.tolist()}")
-        off = np.abs(cell - np.diag(np.diag(cell)))
-        if np.any(off.max(axis=1) > MAX_SHEAR_FRACTION * lengths):
-            raise InputError(
-                f"nanocrystal: frame {k} cell {np.round(cell, 3).tolist()} is not nearly orthorhombic "
-                f"(off-diagonal elements above {MAX_SHEAR_FRACTION:.0%} of the lengths); orient [001] along z first"
-            )
+        check_nearly_orthorhombic(f.cell[:], f"nanocrystal: frame {k} cell")
     return frames
 
 

@@ -49,6 +49,22 @@ def common_cell(frames: Atoms | Sequence[Atoms]) -> np.ndarray:
     return np.mean([np.asarray(f.cell[:], dtype=float) for f in frames], axis=0)
 
 
+def check_nearly_orthorhombic(cell, what: str) -> np.ndarray:
+    """Raise InputError (naming ``what``) for a degenerate (3, 3) cell or one with off-diagonal
+    elements above :data:`MAX_SHEAR_FRACTION` of its lengths; return the cell vector lengths."""
+    cell = np.asarray(cell, dtype=float)
+    lengths = np.linalg.norm(cell, axis=1)
+    if np.any(lengths <= 0) or abs(np.linalg.det(cell)) < 1e-6:
+        raise InputError(f"{what} {cell.tolist()} is degenerate")
+    off = np.abs(cell - np.diag(np.diag(cell)))
+    if np.any(off.max(axis=1) > MAX_SHEAR_FRACTION * lengths):
+        raise InputError(
+            f"{what} {np.round(cell, 3).tolist()} is not nearly orthorhombic (off-diagonal elements above "
+            f"{MAX_SHEAR_FRACTION:.0%} of the lengths); orient [001] along z first"
+        )
+    return lengths
+
+
 def to_common_cell(atoms: Atoms, cell: np.ndarray) -> Atoms:
     """Copy of ``atoms`` with the same (wrapped) scaled positions in the orthorhombic cell diag(|cell_i|).
 
@@ -57,16 +73,7 @@ def to_common_cell(atoms: Atoms, cell: np.ndarray) -> Atoms:
     """
     cell = np.asarray(cell, dtype=float)
     lengths = np.linalg.norm(cell, axis=1) if cell.shape == (3, 3) else cell.reshape(3)
-    own = np.asarray(atoms.cell[:], dtype=float)
-    own_len = np.linalg.norm(own, axis=1)
-    if np.any(own_len <= 0):
-        raise InputError(f"structure: degenerate cell {own.tolist()}")
-    off = np.abs(own - np.diag(np.diag(own)))
-    if np.any(off.max(axis=1) > MAX_SHEAR_FRACTION * own_len):
-        raise InputError(
-            f"structure: cell {np.round(own, 3).tolist()} is not nearly orthorhombic (off-diagonal elements "
-            f"above {MAX_SHEAR_FRACTION:.0%} of the lengths); orient it along [001] first"
-        )
+    check_nearly_orthorhombic(atoms.cell[:], "structure: cell")
     scaled = atoms.get_scaled_positions(wrap=False) % 1.0
     out = atoms.copy()
     out.calc = None
