@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from octastem import cnn
+from octastem.cnn import core as cnn
 from octastem.io import Stem4D, machine_info, write_4dstem, write_json
-from octastem.reconstruct import icom
+from octastem.stem.reconstruct import icom
 
 
 def machine(threads: int) -> dict:

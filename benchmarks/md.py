@@ -39,8 +39,8 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
 from octastem.io import machine_info
 from octastem.io import write_json
-from octastem.md import run_npt
-from octastem.mlp import _jit_load_on, load_mace_model, mace_calculator
+from octastem.md.run import run_npt
+from octastem.md.mlp import _jit_load_on, load_mace_model, mace_calculator
 from octastem.registry import fetch
 from octastem.structure import build_fapbbr3
 

@@ -29,7 +29,7 @@ def reference_model_path():
 
 @pytest.fixture(scope="session")
 def reference_calc(reference_model_path):
-    from octastem.mlp import load_mace_model, mace_calculator
+    from octastem.md.mlp import load_mace_model, mace_calculator
 
     model = load_mace_model(reference_model_path, device="cpu")
     return model, mace_calculator(model, device="cpu", threads=2)

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from octastem.analysis import analyse_frames, br_geometry, time_averaged_structure
 from octastem.io import InputError
+from octastem.md.analysis import analyse_frames, br_geometry, time_averaged_structure
 from octastem.structure import build_fapbbr3
 
 

@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from octastem.average import Lattice, average_file, average_to_cell, find_lattice, virtual_image
 from octastem.io import InputError, Stem4D, read_4dstem, write_4dstem
+from octastem.stem.average import Lattice, average_file, average_to_cell, find_lattice, virtual_image
 
 N_K = 15  # detector pixels per side, 1 mrad each
 CELL = (8, 8)  # output bins (rows along a2, cols along a1)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from octastem import cnn
+from octastem.cnn import core as cnn
 from octastem.io import InputError, Stem4D, write_4dstem
 
 K_MRAD = 1.0
@@ -264,7 +264,7 @@ def test_fine_tune_starts_from_weights_and_keeps_their_validation_scans_out(tmp_
 
 
 def test_training_set_excludes_held_out_material():
-    from octastem import cnn_data
+    from octastem.cnn import data as cnn_data
 
     rng = np.random.default_rng(0)
     for _ in range(6):
@@ -285,7 +285,7 @@ def _in_plane_displacements(before, after):
 
 
 def test_static_distortion_splits_or_spreads_one_species():
-    from octastem import cnn_data
+    from octastem.cnn import data as cnn_data
 
     atoms, _ = cnn_data.random_structure(np.random.default_rng(2), "perovskite")
     seen = set()
@@ -319,7 +319,7 @@ def test_static_distortion_splits_or_spreads_one_species():
 def test_simulate_scan_conventions():
     from ase import Atoms
 
-    from octastem.cnn_data import simulate_scan
+    from octastem.cnn.data import simulate_scan
 
     atoms = Atoms("Au", positions=[[1.0, 2.0, 1.0]], cell=[4.0, 4.0, 2.0], pbc=True)
     sim = simulate_scan([atoms], 300e3, 20.0, 1.0, sampling_A=0.1, slice_thickness_A=1.0)
@@ -337,7 +337,7 @@ def test_simulate_scan_conventions():
 
 
 def test_reconstruct_dispatch_uses_committed_weights():
-    from octastem.reconstruct import METHODS, reconstruct
+    from octastem.stem.reconstruct import METHODS, reconstruct
 
     assert "cnn" in METHODS and cnn.DEFAULT_WEIGHTS.exists()
     stem = make_stem()
@@ -348,7 +348,7 @@ def test_reconstruct_dispatch_uses_committed_weights():
 
 
 def test_held_out_structure_and_metrics():
-    from octastem.cnn_eval import held_out_frames, pearson, ssim
+    from octastem.cnn.evaluate import held_out_frames, pearson, ssim
 
     frames = held_out_frames(reps=(2, 2, 2), rattle_A=0.0, n_frames=1)
     atoms = frames[0]

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from octastem.crlb import crlb, design, fisher_information, pixel_grid
-from octastem.fit import elliptical_gaussian, fit_joint
+from octastem.fit.core import elliptical_gaussian, fit_joint
+from octastem.fit.crlb import crlb, design, fisher_information, pixel_grid
 from octastem.io import InputError
 
 S = 0.1  # A/px

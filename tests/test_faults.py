@@ -196,7 +196,7 @@ def test_corrupt_input_fails_clearly_without_outputs(tmp_path):
 
 def test_corrupt_trajectory_is_named(tmp_path):
     from octastem.io import InputError
-    from octastem.md import read_frames
+    from octastem.md.run import read_frames
 
     path = tmp_path / "trajectory.h5"
     path.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(200))

@@ -7,8 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from octastem.crlb import crlb, pixel_grid
-from octastem.fit import (
+from octastem.fit.core import (
     axes_to_cov,
     column_grid,
     cov_to_axes,
@@ -21,6 +20,7 @@ from octastem.fit import (
     round_baseline,
     summarize,
 )
+from octastem.fit.crlb import crlb, pixel_grid
 from octastem.io import InputError, write_image
 
 A = 6.0  # lattice constant, A
@@ -363,7 +363,7 @@ def test_fast_path_bad_inputs():
 def test_failed_baseline_leaves_the_measurement(tmp_path, monkeypatch):
     """When the round-column baseline cannot be fitted (too noisy an image for round columns), the
     measured values are still written, with a NaN baseline and the reason in the summary."""
-    import octastem.fit as fit_module
+    import octastem.fit.core as fit_module
 
     img, s, n, cell, _ = synth(n=(2, 2), ratio=1.2, noise=0.01)
     path = tmp_path / "phase.h5"

@@ -9,8 +9,8 @@ import h5py
 import numpy as np
 import pytest
 
-from octastem.ingest import electron_wavelength_A, ingest
 from octastem.io import InputError, read_4dstem
+from octastem.stem.ingest import electron_wavelength_A, ingest
 
 CAL = {
     "energy_eV": 300e3,

@@ -15,8 +15,8 @@ from ase.md.langevinbaoab import LangevinBAOAB
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 from ase.md.verlet import VelocityVerlet
 
-from octastem.md import run_npt
-from octastem.mlp import load_mace_model, mace_calculator
+from octastem.md.mlp import load_mace_model, mace_calculator
+from octastem.md.run import run_npt
 from octastem.structure import build_fapbbr3
 
 STUDENT = Path(__file__).resolve().parents[1] / "resources" / "student" / "fapbbr3_student.model"

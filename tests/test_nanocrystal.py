@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 
 from octastem import io, stages
-from octastem.average import virtual_image
 from octastem.io import InputError, read_4dstem
-from octastem.nanocrystal import build_nanocrystal, fa_molecules
-from octastem.reconstruct import center_of_mass
-from octastem.stem import antialias_sampling_A, simulate_4dstem
+from octastem.stem.average import virtual_image
+from octastem.stem.nanocrystal import build_nanocrystal, fa_molecules
+from octastem.stem.reconstruct import center_of_mass
+from octastem.stem.simulate import antialias_sampling_A, simulate_4dstem
 from octastem.structure import build_fapbbr3, composition
 
 A = 6.0
@@ -119,7 +119,7 @@ def test_stage_uses_a_different_md_frame_per_configuration(tmp_path, monkeypatch
         extra = {"scan_shape": [2, 2], "sampling_A": 0.16}
         return io.Stem4D(np.zeros((2, 2, 3, 3), np.float32), 300e3, 20.0, 0.5, 1.0, math.inf, extra=extra)
 
-    monkeypatch.setattr("octastem.stem.simulate_4dstem", fake)
+    monkeypatch.setattr("octastem.stem.simulate.simulate_4dstem", fake)
     out = tmp_path / "nc.h5"
     stages.simulate_nanocrystal(
         traj, out, tmp_path / "nc.extxyz", start_fs=10.0, frames=2, edge_A=24.0, vacuum_A=4.0, scan_cells=1
@@ -200,7 +200,7 @@ def test_interior_scan_matches_the_periodic_cell(pair):
 
 
 def test_detector_rebinning_preserves_counts(pair):
-    from octastem.stem import _rebin_axis
+    from octastem.stem.simulate import _rebin_axis
 
     _, finite, _ = pair
     n_ky, n_kx = finite.data.shape[2:]

@@ -8,8 +8,8 @@ from abtem.core.energy import energy2wavelength
 
 from octastem.io import InputError, Stem4D
 from octastem.potential import projected_potential
-from octastem.reconstruct import center_of_mass, icom, integrate_gradient, reconstruct, square_grid, square_pixels
-from octastem.stem import simulate_4dstem
+from octastem.stem.reconstruct import center_of_mass, icom, integrate_gradient, reconstruct, square_grid, square_pixels
+from octastem.stem.simulate import simulate_4dstem
 from octastem.structure import build_fapbbr3
 
 ENERGY = 300e3

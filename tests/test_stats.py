@@ -5,8 +5,8 @@ import math
 import numpy as np
 import pytest
 
+from octastem.fit.stats import density_at_median, median_se
 from octastem.io import InputError
-from octastem.stats import density_at_median, median_se
 
 
 def test_median_value_and_nan_dropped():

@@ -10,8 +10,8 @@ import pytest
 from ase import Atoms
 
 from octastem.io import STEM_ATTRS, InputError, read_4dstem, write_4dstem
-from octastem.reconstruct import center_of_mass
-from octastem.stem import add_poisson_noise, simulate_4dstem
+from octastem.stem.reconstruct import center_of_mass
+from octastem.stem.simulate import add_poisson_noise, simulate_4dstem
 from octastem.structure import build_fapbbr3
 
 STEP = 0.3

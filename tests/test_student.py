@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from octastem.io import InputError
-from octastem.mlp import load_mace_model, mace_calculator, model_elements
+from octastem.md.mlp import load_mace_model, mace_calculator, model_elements
 from octastem.structure import build_fapbbr3, remove_fabr_pairs
 
 # sleeping (not spinning) OpenMP waits: keeps the timing fair on a machine shared with other jobs
@@ -69,7 +69,7 @@ def test_student_translation_and_rotation_invariant(student):
 
 
 def test_student_unknown_element_refused(student):
-    from octastem.mlp import check_elements
+    from octastem.md.mlp import check_elements
 
     model, _ = student
     atoms = build_fapbbr3((1, 1, 1))
@@ -98,7 +98,7 @@ def _thermal_frames(calc, n_frames=2, seed=0):
 
 
 def test_student_matches_reference_on_fresh_frames(student, reference_calc):
-    from octastem.student import errors, label
+    from octastem.md.student import errors, label
 
     _, calc = student
     _, ref = reference_calc
@@ -117,7 +117,7 @@ def test_student_matches_reference_on_fresh_frames(student, reference_calc):
 
 def test_student_much_faster_than_reference(student, reference_calc):
     """Same 2x2x2 cell, same process, calls interleaved so both see the same background load."""
-    from octastem.student import time_force_calls
+    from octastem.md.student import time_force_calls
 
     _, calc = student
     _, ref = reference_calc
@@ -132,7 +132,7 @@ def test_split_keeps_snapshots_together_and_is_stable(tmp_path):
     from ase import Atoms
     from ase.io import read, write
 
-    from octastem.student import ENERGY_KEY, FORCES_KEY, split_frames
+    from octastem.md.student import ENERGY_KEY, FORCES_KEY, split_frames
 
     def frames(tag, n):
         out = []
@@ -163,7 +163,7 @@ def test_npt_sampling_run_moves_the_cell_and_labels_every_frame(tmp_path):
     """A sampling run with ``pressure_MPa`` is NPT (the barostat changes the cell); every sampled
     frame and perturbed copy carries energy, forces and stress of the labelling potential.
     (The student labels itself here so the test stays cheap; the pipeline labels with the reference.)"""
-    from octastem.student import (
+    from octastem.md.student import (
         ENERGY_KEY,
         FORCES_KEY,
         STRESS_KEY,
@@ -190,7 +190,7 @@ def test_npt_sampling_run_moves_the_cell_and_labels_every_frame(tmp_path):
 def test_warm_start_copies_the_previous_rounds_last_checkpoint(tmp_path):
     """Round r continues from round r-1's newest checkpoint, under round r's run name; a round that
     already has checkpoints of its own (an interrupted training) is left to resume from them."""
-    from octastem.student import latest_checkpoint, seed_checkpoint
+    from octastem.md.student import latest_checkpoint, seed_checkpoint
 
     prev_ck = tmp_path / "student_r0_training" / "work" / "checkpoints"
     prev_ck.mkdir(parents=True)
@@ -210,7 +210,7 @@ def test_warm_start_copies_the_previous_rounds_last_checkpoint(tmp_path):
 def test_npt_stability_report(tmp_path):
     """The NPT check runs the production protocol and compares stresses and forces frame by frame:
     against itself the student differs only by float noise, and the cell statistics are sane."""
-    from octastem.student import npt_stability
+    from octastem.md.student import npt_stability
 
     r = npt_stability(
         STUDENT,

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .io import InputError
+from octastem.io import InputError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -39,14 +39,14 @@ def _run(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _fetch(args: argparse.Namespace, extra: list[str]) -> int:
-    from .registry import fetch
+    from octastem.registry import fetch
 
     print(fetch(args.name, progress=True))
     return 0
 
 
 def _structure(args: argparse.Namespace, extra: list[str]) -> int:
-    from . import stages
+    from octastem import stages
 
     stages.structure(args.output, n_vacancies=args.vacancies, reps=args.reps, a_A=args.a, seed=args.seed)
     print(args.output)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 from ase import Atoms
 
-from .io import InputError
+from octastem.io import InputError
 
 #: Largest tolerated off-diagonal cell element, as a fraction of the cell length: beyond this
 #: a frame is not "nearly orthorhombic" and mapping it onto an orthorhombic cell would shear it.
@@ -117,7 +117,7 @@ def projected_potential(
     the slicing, so one slice gives the same image as thin slices, about 30x faster.
     ``progress`` shows a tqdm bar over frames (default: when there are more than 10 frames).
     """
-    from .io import import_abtem
+    from octastem.io import import_abtem
 
     abtem = import_abtem()
     from tqdm.auto import tqdm

@@ -15,7 +15,7 @@ from pathlib import Path
 import pooch
 import yaml
 
-from .io import InputError
+from octastem.io import InputError
 
 MIRROR_ENV = "OCTASTEM_MIRROR"
 CACHE_ENV = "OCTASTEM_CACHE"

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from . import io
-from .io import InputError
+from octastem import io
+from octastem.io import InputError
 
 
 def _load_summary(path) -> dict:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 from ase import Atoms
 
-from .io import InputError
+from octastem.io import InputError
 
 # FA+ geometry (A, degrees): planar amidinium, C-N 1.31, N-C-N 124, C-H 1.09, N-H 1.01,
 # H-N-H 120 (sp2 nitrogen). The molecule lies in the xz plane, C-H along +z.

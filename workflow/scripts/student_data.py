@@ -1,5 +1,5 @@
 from octastem import stages
-from octastem.student import data_stage
+from octastem.md.student import data_stage
 
 with stages.logged(snakemake.log[0], snakemake):
     r = dict(snakemake.params["round"])

@@ -1,5 +1,5 @@
 from octastem import stages
-from octastem.student import train_stage
+from octastem.md.student import train_stage
 
 with stages.logged(snakemake.log[0], snakemake):
     train_stage(

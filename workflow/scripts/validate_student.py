@@ -1,7 +1,7 @@
 from pathlib import Path
 
 from octastem import stages
-from octastem.student import validate_stage
+from octastem.md.student import validate_stage
 
 with stages.logged(snakemake.log[0], snakemake):
     validate_stage(

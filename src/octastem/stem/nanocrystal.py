@@ -39,8 +39,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from ase import Atoms
 
-from .io import InputError
-from .potential import check_nearly_orthorhombic
+from octastem.io import InputError
+from octastem.potential import check_nearly_orthorhombic
 
 #: Composition of one formamidinium cation CH(NH2)2+.
 FA_FORMULA = {"C": 1, "H": 5, "N": 2}

@@ -35,7 +35,7 @@ import math
 import numpy as np
 import pandas as pd
 
-from .io import InputError
+from octastem.io import InputError
 
 AXES_PARAMS = ("x", "y", "height", "sigma_major", "ratio", "angle_deg")
 COV_PARAMS = ("x", "y", "height", "sigma_x", "sigma_y", "rho")
@@ -88,7 +88,7 @@ def _axes_derivatives(X, Y, x0, y0, h, major, ratio, angle):
 
 def _cov_derivatives(X, Y, x0, y0, h, major, ratio, angle):
     """Gaussian in (x0, y0, h, sigma_x, sigma_y, rho) and its derivatives."""
-    from .fit import _gauss_cov, axes_to_cov
+    from octastem.fit.core import _gauss_cov, axes_to_cov
 
     sx, sy, rho = axes_to_cov(major, ratio, angle)
     g, d = _gauss_cov(X, Y, x0, y0, h, sx, sy, rho, jac=True)
@@ -154,7 +154,7 @@ def fisher_information(
 def _dcov_daxes(major, ratio, angle):
     """3x3 Jacobian d(sigma_x, sigma_y, rho) / d(sigma_major, ratio, angle_rad) (central differences
     of a smooth map)."""
-    from .fit import axes_to_cov
+    from octastem.fit.core import axes_to_cov
 
     p0 = np.array([major, ratio, angle], dtype=float)
     out = np.empty((3, 3))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .io import InputError, Stem4D
+from octastem.io import InputError, Stem4D
 
 METHODS = ("icom", "cnn")
 
@@ -194,7 +194,7 @@ def reconstruct(
     if method == "icom":
         image, step = icom(stem)
     elif method == "cnn":
-        from .cnn import predict_phase
+        from octastem.cnn.core import predict_phase
 
         image, step = predict_phase(stem, weights=weights, device=device)
     else:

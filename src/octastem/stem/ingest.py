@@ -33,7 +33,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from .io import InputError, atomic_path, provenance
+from octastem.io import InputError, atomic_path, provenance
 
 FORMATS = ("auto", "hdf5", "npy", "emd", "mib", "empad", "rsciio")
 

@@ -39,14 +39,14 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from .io import InputError, Stem4D, atomic_path, provenance
+from octastem.io import InputError, Stem4D, atomic_path, provenance
 
 UPSAMPLE = 4  #: output pixels per scan step
 N_K = 20  #: canonical detector bins per axis, spanning +-2 alpha
 KERNEL = 3  #: scan positions per axis in the input kernel
 PATCH = KERNEL * UPSAMPLE + 1  #: output patch (pixels per axis), centred on the scan position
 EXTENT_ALPHA = 2.0  #: half-width of the canonical detector grid in units of alpha
-DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "resources" / "cnn" / "weights.pt"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[3] / "resources" / "cnn" / "weights.pt"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -850,7 +850,7 @@ def train(
     }
     save_weights(out_dir / "weights.pt", model, summary)
     write_curve(out_dir, history)
-    from .io import write_json
+    from octastem.io import write_json
 
     write_json(out_dir / "training.json", summary)
     return summary

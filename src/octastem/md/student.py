@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms, units
 
-from .io import InputError
+from octastem.io import InputError
 
 log = logging.getLogger("octastem")
 
@@ -91,7 +91,7 @@ def model_e0s(model_path) -> dict[int, float]:
     The student is trained with the reference's E0s so both predict total energies on one scale
     and the student only learns the interaction part.
     """
-    from .mlp import load_mace_model
+    from octastem.md.mlp import load_mace_model
 
     model = load_mace_model(model_path, device="cpu")
     e0 = model.atomic_energies_fn.atomic_energies.detach().cpu().numpy().reshape(-1)
@@ -99,7 +99,7 @@ def model_e0s(model_path) -> dict[int, float]:
 
 
 def _calculator(model_path, threads: int | None, device: str = "cpu", dtype: str = "float32"):
-    from .mlp import load_mace_model, mace_calculator
+    from octastem.md.mlp import load_mace_model, mace_calculator
 
     model = load_mace_model(model_path, device=device, dtype=dtype)
     return model, mace_calculator(model, device=device, dtype=dtype, threads=threads)
@@ -151,9 +151,9 @@ def sample_configurations(
     from ase.md.langevinbaoab import LangevinBAOAB
     from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
-    from .io import atomic_path
-    from .mlp import check_elements
-    from .structure import build_fapbbr3, remove_fabr_pairs
+    from octastem.io import atomic_path
+    from octastem.md.mlp import check_elements
+    from octastem.structure import build_fapbbr3, remove_fabr_pairs
 
     s = settings or SampleSettings(runs=default_runs())
     if not s.runs:
@@ -265,7 +265,7 @@ def split_frames(paths, train_output, valid_output, test_output, valid_fraction=
 
     from ase.io import write
 
-    from .io import atomic_path
+    from octastem.io import atomic_path
 
     if not (0 <= valid_fraction and 0 < test_fraction and valid_fraction + test_fraction < 1):
         raise InputError(f"student: bad split fractions valid={valid_fraction}, test={test_fraction}")
@@ -393,7 +393,7 @@ def train_student(
     from its last checkpoint. The model file is the plain pickled MACE module (CPU tensors),
     loadable with :func:`octastem.mlp.load_mace_model`.
     """
-    from .io import atomic_path
+    from octastem.io import atomic_path
 
     s = settings or StudentSettings()
     for p in (train_xyz, valid_xyz):
@@ -514,7 +514,7 @@ def validate_student(
     Speed: median time of one energy+forces+stress call on the ``speed_reps`` cubic cell, student
     and reference interleaved in this process with ``threads`` threads.
     """
-    from .structure import build_fapbbr3
+    from octastem.structure import build_fapbbr3
 
     frames = read_labelled(test_xyz)
     _, stu = _calculator(student_path, threads)
@@ -570,9 +570,9 @@ def compare_md(
     """
     from ase.io import read
 
-    from .analysis import analyse_frames
-    from .md import read_frames, run_npt
-    from .structure import build_fapbbr3
+    from octastem.md.analysis import analyse_frames
+    from octastem.md.run import read_frames, run_npt
+    from octastem.structure import build_fapbbr3
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -667,8 +667,8 @@ def npt_stability(
     """
     from ase.units import GPa
 
-    from .md import read_frames, run_npt, spread
-    from .structure import build_fapbbr3
+    from octastem.md.run import read_frames, run_npt, spread
+    from octastem.structure import build_fapbbr3
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -743,7 +743,7 @@ def machine() -> dict:
     import mace  # noqa: F401
     import torch
 
-    from .io import machine_info
+    from octastem.io import machine_info
 
     return machine_info(
         torch=torch.__version__,
@@ -758,7 +758,7 @@ def machine() -> dict:
 
 
 def _reference(potential: str):
-    from .registry import fetch, load_registry
+    from octastem.registry import fetch, load_registry
 
     return fetch(potential) if potential in load_registry() else Path(potential)
 
@@ -779,7 +779,7 @@ def data_stage(
     ``steps``, ``sample_every``, ``tag``); other :class:`SampleSettings` fields as keywords;
     ``driver``: a student model that drives the MD (frames then labelled by the reference).
     """
-    from . import io
+    from octastem import io
 
     settings = SampleSettings(
         runs=[SampleRun(**{**r, "reps": tuple(r["reps"])}) for r in runs] if runs else default_runs(), **sampling
@@ -852,7 +852,7 @@ def train_stage(
     training then continues from that round's last checkpoint (weights, optimiser and schedule)
     for ``epochs`` more epochs on the grown data set, as the committed student was made.
     """
-    from .io import atomic_path
+    from octastem.io import atomic_path
 
     split_dir = Path(split_dir)
     split_dir.mkdir(parents=True, exist_ok=True)
@@ -894,7 +894,7 @@ def validate_stage(
 ) -> None:
     """Held-out errors, speed ratio, (with ``md``: compare_md keywords) the MD comparison and (with
     ``npt``: npt_stability keywords) the picosecond NPT stability check, as JSON."""
-    from . import io
+    from octastem import io
 
     ref = _reference(reference)
     result = validate_student(student, ref, test, threads=threads, n_timing_calls=n_timing_calls)

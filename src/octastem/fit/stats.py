@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from .io import InputError
+from octastem.io import InputError
 
 #: MAD -> standard deviation for a normal distribution.
 MAD_TO_SIGMA = 1.482602218505602

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms
 
-from . import cnn
-from .io import InputError, Stem4D, write_json, write_text
+from octastem.cnn import core as cnn
+from octastem.io import InputError, Stem4D, write_json, write_text
 
 #: optics of the evaluation: the study's 300 kV and 25 mrad; a 0.3 A scan step, between the
 #: embedded default's 0.4 A and the paper preset's 0.2 A
@@ -48,7 +48,7 @@ def held_out_frames(
 ) -> list[Atoms]:
     """Frozen-phonon frames of FAPbBr3: Br shifted by +-``br_shift_A`` perpendicular to its bond,
     alternating along z (elongated projected Br columns), plus isotropic Gaussian ``rattle_A``."""
-    from .structure import build_fapbbr3
+    from octastem.structure import build_fapbbr3
 
     atoms = build_fapbbr3(tuple(reps), a_A)
     site = atoms.arrays["site"]
@@ -109,7 +109,7 @@ def ssim(reference: np.ndarray, image: np.ndarray) -> float:
 
 def br_ellipticity(image: np.ndarray, sampling_A: float, n_cells, cell_A, method: str = "fast") -> float:
     """Median Br ellipticity ratio fitted by :func:`octastem.fit.fit_columns` (``method``); NaN if the fit fails."""
-    from .fit import fit_columns, summarize
+    from octastem.fit.core import fit_columns, summarize
 
     try:
         df = fit_columns(image, sampling_A, n_cells, cell_A, types=("Br",), seed=0, method=method)
@@ -140,9 +140,9 @@ def evaluate(
     Returns the metrics dict (per method and dose: mean and standard deviation over seeds, plus
     the ground-truth ellipticity and whether the issue's goal is met at 48 e/A^2).
     """
-    from .cnn_data import simulate_scan
-    from .reconstruct import fourier_upsample, icom
-    from .stem import add_poisson_noise
+    from octastem.cnn.data import simulate_scan
+    from octastem.stem.reconstruct import fourier_upsample, icom
+    from octastem.stem.simulate import add_poisson_noise
 
     t0 = time.perf_counter()
     frames = held_out_frames(reps=reps, seed=seed)

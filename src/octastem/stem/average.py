@@ -36,7 +36,7 @@ import numpy as np
 import scipy.sparse
 from scipy import ndimage, optimize
 
-from .io import STEM_ATTRS, InputError, Stem4D, _plain, provenance, write_4dstem
+from octastem.io import STEM_ATTRS, InputError, Stem4D, _plain, provenance, write_4dstem
 
 IMAGES = ("adf", "bf", "sum", "com")
 WEIGHTS = ("nearest", "linear")

@@ -47,8 +47,8 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from .io import InputError, atomic_path, provenance, read_image, write_json
-from .stats import median_se
+from octastem.fit.stats import median_se
+from octastem.io import InputError, atomic_path, provenance, read_image, write_json
 
 #: Column sites of the cubic perovskite along [001]: (site, type, fractional x, fractional y).
 SITES = (

@@ -14,7 +14,7 @@ import numpy as np
 from ase import Atoms
 from ase.neighborlist import neighbor_list
 
-from .io import InputError
+from octastem.io import InputError
 
 
 @dataclass
@@ -119,7 +119,7 @@ def plot_analysis(result: dict, path, title: str = "") -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_path
+    from octastem.io import atomic_path
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.4))
     h = result["pb_br_pb_angle_deg"]["histogram"]
@@ -148,7 +148,7 @@ def plot_vacancy_series(n_vacancies: list[int], results: list[dict], path) -> No
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .io import atomic_path
+    from octastem.io import atomic_path
 
     order = np.argsort(n_vacancies)
     n = np.asarray(n_vacancies)[order]

@@ -39,7 +39,7 @@ import h5py
 import numpy as np
 from ase import Atoms
 
-from .io import InputError, atomic_path, provenance
+from octastem.io import InputError, atomic_path, provenance
 
 PROTOTYPES = (
     "perovskite",
@@ -329,13 +329,13 @@ def simulate_scan(
     ``scan_shape`` (ny, nx), ``phase_fine`` (the frame-averaged projected potential times the
     interaction constant, rad, (y, x) on the simulation grid) and ``cell_A``.
     """
-    from .io import import_abtem
+    from octastem.io import import_abtem
 
     abtem = import_abtem()
     from abtem.core.energy import energy2sigma, energy2wavelength
 
-    from .potential import common_frames, grid_gpts
-    from .stem import _symmetric_crop
+    from octastem.potential import common_frames, grid_gpts
+    from octastem.stem.simulate import _symmetric_crop
 
     frames, lengths = common_frames(frames)
     wavelength = energy2wavelength(energy_eV)
@@ -385,7 +385,7 @@ def random_example(
     With ``static_rng``, a fraction ``static_fraction`` of the structures get a
     :func:`static_distortion` drawn from it (a separate stream, so the structures and optics
     drawn from ``rng`` do not depend on it)."""
-    from . import cnn
+    from octastem.cnn import core as cnn
 
     atoms, info = random_structure(rng)
     energy = float(ENERGIES_EV[rng.integers(len(ENERGIES_EV))]) if rng.random() < 0.6 else 300e3

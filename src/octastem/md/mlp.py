@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .io import InputError
+from octastem.io import InputError
 
 
 def _import_torch():

@@ -41,7 +41,7 @@ from ase import Atoms, units
 from ase.md.langevinbaoab import LangevinBAOAB
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
-from .io import InputError, provenance
+from octastem.io import InputError, provenance
 
 log = logging.getLogger(__name__)
 

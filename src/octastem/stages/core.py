@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import io
-from .io import InputError
+from octastem import io
+from octastem.io import InputError
 
 log = logging.getLogger("octastem")
 
@@ -82,7 +82,7 @@ def structure(output, n_vacancies: int, reps, a_A: float = 6.0, seed: int = 0) -
     """Write the cubic FAPbBr3 supercell with ``n_vacancies`` FABr pairs removed (extxyz)."""
     from ase.io import write
 
-    from .structure import build_fapbbr3, check_geometry, composition, remove_fabr_pairs
+    from octastem.structure import build_fapbbr3, check_geometry, composition, remove_fabr_pairs
 
     atoms = remove_fabr_pairs(build_fapbbr3(tuple(reps), a_A), int(n_vacancies), seed=int(seed))
     check_geometry(atoms, name=str(output))
@@ -115,10 +115,10 @@ def md(
     **settings,
 ) -> None:
     """MACE NPT MD of the structure; ``potential`` is a registry entry or a model file path."""
-    from .md import run_npt
-    from .mlp import check_elements, load_mace_model, mace_calculator
-    from .registry import fetch, load_registry
-    from .structure import check_geometry
+    from octastem.md.mlp import check_elements, load_mace_model, mace_calculator
+    from octastem.md.run import run_npt
+    from octastem.registry import fetch, load_registry
+    from octastem.structure import check_geometry
 
     atoms = read_structure(structure_path)
     check_geometry(atoms, name=str(structure_path))
@@ -146,8 +146,8 @@ def md_analysis(trajectory, output, average_structure, start_fs: float, reps, cu
     import h5py
     from ase.io import write
 
-    from .analysis import analyse_frames, time_averaged_structure
-    from .md import read_frames
+    from octastem.md.analysis import analyse_frames, time_averaged_structure
+    from octastem.md.run import read_frames
 
     frames = read_frames(trajectory, start_fs=start_fs)
     with h5py.File(trajectory, "r") as f:
@@ -182,7 +182,7 @@ def md_figures(analyses, systems: dict, outputs, series_output) -> None:
     """Per-system analysis plots and the angle-versus-vacancies figure (the study's S11)."""
     import json
 
-    from .analysis import plot_analysis, plot_vacancy_series
+    from octastem.md.analysis import plot_analysis, plot_vacancy_series
 
     results = [json.loads(Path(p).read_text()) for p in analyses]
     for name, res, out in zip(systems, results, outputs, strict=True):
@@ -205,8 +205,8 @@ def snapshot_potential(
     slice_thickness_A: float | None = None,
 ) -> None:
     """Averaged abTEM projected potential of the snapshots of the analysis window."""
-    from .md import read_frames
-    from .potential import projected_potential
+    from octastem.md.run import read_frames
+    from octastem.potential import projected_potential
 
     frames = read_frames(trajectory, start_fs=start_fs, every_fs=every_fs)
     log.info("%s: %d snapshots from %.1f fs every %.1f fs", trajectory, len(frames), start_fs, every_fs)
@@ -225,8 +225,8 @@ def snapshot_potential(
 
 def simulate_4dstem(trajectory, output, start_fs: float, frames: int, n_cells, threads: int = 1, **optics) -> None:
     """Noise-free 4D-STEM of ``frames`` snapshots spread evenly over the analysis window."""
-    from .md import read_frames, spread
-    from .stem import simulate_4dstem as simulate
+    from octastem.md.run import read_frames, spread
+    from octastem.stem.simulate import simulate_4dstem as simulate
 
     chosen = spread(read_frames(trajectory, start_fs=start_fs), frames)
     log.info(
@@ -270,9 +270,9 @@ def simulate_nanocrystal(
     """
     from ase.io import write
 
-    from .md import read_frames, spread
-    from .nanocrystal import build_nanocrystal
-    from .stem import simulate_4dstem as simulate
+    from octastem.md.run import read_frames, spread
+    from octastem.stem.nanocrystal import build_nanocrystal
+    from octastem.stem.simulate import simulate_4dstem as simulate
 
     chosen = spread(read_frames(trajectory, start_fs=start_fs), frames)
     times = [a.info["time_fs"] for a in chosen]
@@ -338,7 +338,7 @@ def dose(input_path, output, dose_e_per_A2: float, seed: int, averaged_cells: in
     ``averaged_cells=1`` it is one acquisition at the dose (a nanocrystal scan, averaged later by
     template matching): ``dose * step_x * step_y`` electrons per position.
     """
-    from .stem import add_poisson_noise, electrons_per_position
+    from octastem.stem.simulate import add_poisson_noise, electrons_per_position
 
     stem = io.read_4dstem(input_path)
     if np.isfinite(stem.dose_e_per_A2):
@@ -395,7 +395,7 @@ def ingest(
     dose_e_per_A2=None,
 ) -> None:
     """A measured dataset in any supported format -> the internal HDF5 format, with a JSON summary."""
-    from .ingest import ingest as run
+    from octastem.stem.ingest import ingest as run
 
     calibration = dict(calibration or {})
     result = run(
@@ -417,7 +417,7 @@ def average(input_path, output, summary, cell_shape, supercell, weights="nearest
 
     ``cell_shape=None``: the positions per (super)cell recorded by a simulated scan.
     """
-    from .average import average_file
+    from octastem.stem.average import average_file
 
     result = average_file(
         input_path,
@@ -435,7 +435,7 @@ def reconstruct(
     input_path, output, method: str, n_cells=None, sampling_A: float | None = None, weights=None, device="auto"
 ) -> None:
     """Phase image of a 4D-STEM dataset by ``method``, interpolated to ``sampling_A`` when finer than native."""
-    from .reconstruct import reconstruct as run
+    from octastem.stem.reconstruct import reconstruct as run
 
     stem = io.read_4dstem(input_path)
     image, sampling = run(stem, method, sampling_A=sampling_A, weights=weights or None, device=device)
@@ -479,7 +479,7 @@ def fit(
     seed: int = 0,
 ) -> None:
     """Elliptical Gaussian fit of the columns of an image file -> CSV table + JSON summary."""
-    from .fit import fit_image_file
+    from octastem.fit.core import fit_image_file
 
     fit_image_file(
         image_path,
@@ -497,7 +497,7 @@ def fit(
 def figure(image_path, table, output) -> None:
     import pandas as pd
 
-    from .fit import plot_model
+    from octastem.fit.core import plot_model
 
     image, attrs = io.read_image(image_path)
     df = pd.read_csv(table)
@@ -521,7 +521,7 @@ def table1(
     provenance_json=None,
     seeds=None,
 ) -> None:
-    from .report import write_table1
+    from octastem.report import write_table1
 
     df = write_table1(
         csv,
@@ -543,7 +543,7 @@ def table1(
 
 
 def table1_plot(csv, output) -> None:
-    from .report import plot_table1
+    from octastem.report import plot_table1
 
     plot_table1(csv, output)
 
@@ -554,7 +554,7 @@ def table1_plot(csv, output) -> None:
 
 
 def cnn_training_set(output, n_scans: int, n_frames: int, seed: int, static_fraction: float = 0.5) -> None:
-    from .cnn_data import write_shard
+    from octastem.cnn.data import write_shard
 
     with io.atomic_path(output) as tmp:
         summary = write_shard(
@@ -565,8 +565,8 @@ def cnn_training_set(output, n_scans: int, n_frames: int, seed: int, static_frac
 
 def train_cnn(shards, weights_output, train: dict, device: str = "auto", threads: int | None = None) -> None:
     """Train into the folder of ``weights_output`` (checkpoint there: a re-run resumes)."""
-    from .cnn import TrainConfig
-    from .cnn import train as run
+    from octastem.cnn.core import TrainConfig
+    from octastem.cnn.core import train as run
 
     out_dir = Path(weights_output).parent
     summary = run(shards, out_dir, TrainConfig(**train), device=device, progress=True, threads=threads)
@@ -574,7 +574,7 @@ def train_cnn(shards, weights_output, train: dict, device: str = "auto", threads
 
 
 def evaluate_cnn(weights, metrics, averaged_cells: int, n_seeds: int, seed: int, device: str = "auto") -> None:
-    from .cnn_eval import evaluate
+    from octastem.cnn.evaluate import evaluate
 
     result = evaluate(
         Path(metrics).parent, weights=weights, averaged_cells=averaged_cells, n_seeds=n_seeds, seed=seed, device=device

@@ -31,8 +31,8 @@ from collections.abc import Sequence
 import numpy as np
 from ase import Atoms
 
-from .io import InputError, Stem4D, provenance
-from .potential import common_frames, grid_gpts
+from octastem.io import InputError, Stem4D, provenance
+from octastem.potential import common_frames, grid_gpts
 
 
 def _workers(num_workers: int | None) -> int:
@@ -217,7 +217,7 @@ def simulate_4dstem(
     ("fraction_of_beam" or "counts"). The scalar scan_step_A and k_sampling_mrad are the means
     of the x and y values (equal for a square cell).
     """
-    from .io import import_abtem
+    from octastem.io import import_abtem
 
     abtem = import_abtem()
     from abtem.core.energy import energy2wavelength
