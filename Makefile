@@ -32,10 +32,11 @@ lint: env
 	$(BIN)/ruff check src tests benchmarks workflow/scripts
 	$(BIN)/snakemake --lint
 
-test: env
-	$(BIN)/ruff check src tests benchmarks workflow/scripts
-	$(BIN)/snakemake --lint
-	$(BIN)/python -m pytest -q
+# lint, then the unit tests, then the workflow tests (marked slow: Snakemake end to end, minutes);
+# each step stops `make` at its first failure
+test: lint
+	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m slow
 
 # The tiny config through profiles/slurm on a one-node SLURM cluster started on this machine
 # (Debian/Ubuntu; installs slurm-wlm and munge with apt, needs root or sudo); stopped afterwards.

@@ -6,7 +6,7 @@ Measures, on a synthetic Poisson 4D-STEM scan of ``--scan`` x ``--scan`` positio
 - end-to-end patterns per second of :func:`octastem.cnn.predict_phase` on CPU with ``--threads``
   threads (rebinning, kernels, network, overlap-add), from memory and streamed from an HDF5 file;
 - the network alone (forward passes on prepared inputs);
-- iCOM (:func:`octastem.reconstruct.icom`) on the same data, and the ratio CNN / iCOM;
+- iCOM (:func:`octastem.stem.reconstruct.icom`) on the same data, and the ratio CNN / iCOM;
 - the same on the GPU when one is visible (``torch.cuda.is_available()``).
 
 Usage: python benchmarks/cnn.py [--scan 64] [--n-k 73] [--threads 2] [--weights PATH] [--repeats 3]
@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from octastem.cnn import core as cnn
+from octastem import cnn
 from octastem.io import Stem4D, machine_info, write_4dstem, write_json
-from octastem.stem.reconstruct import icom
+from octastem.stem import icom
 
 
 def machine(threads: int) -> dict:

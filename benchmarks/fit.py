@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from octastem.fit.core import TYPES, column_grid, fit_columns, model_image
+from octastem.fit import TYPES, column_grid, fit_columns, model_image
 
 A = 6.0
 HEIGHT = {"PbBr": 3.0, "Br": 1.0, "FA": 0.3}

@@ -4,7 +4,7 @@ For each potential (reference, student), device (cpu, and cuda when visible) and
 96 atoms, 4x4x4 = 768 atoms) it measures wall-clock ms per MD step and ms per atom-step through
 
 - ``octastem``: :func:`octastem.md.run_npt` (LangevinBAOAB anisotropic NPT, HDF5 trajectory with
-  a frame and checkpoint every few steps), calculator from :func:`octastem.mlp.load_mace_model`;
+  a frame and checkpoint every few steps), calculator from :func:`octastem.md.load_mace_model`;
 - ``ase_baseline``: plain ASE, ``MACECalculator(model_paths=...)`` + ``ase.md.langevin.Langevin``
   (NVT), no output -- the loop a user would write without this package.
 
@@ -39,8 +39,8 @@ from ase.md.velocitydistribution import MaxwellBoltzmannDistribution
 
 from octastem.io import machine_info
 from octastem.io import write_json
-from octastem.md.run import run_npt
-from octastem.md.mlp import _jit_load_on, load_mace_model, mace_calculator
+from octastem.md import load_mace_model, mace_calculator, run_npt
+from octastem.md.mlp import _jit_load_on
 from octastem.registry import fetch
 from octastem.structure import build_fapbbr3
 

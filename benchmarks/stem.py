@@ -28,8 +28,7 @@ import h5py
 import numpy as np
 
 from octastem.io import machine_info, write_json
-from octastem.stem.average import average_file
-from octastem.stem.ingest import ingest
+from octastem.stem import average_file, ingest
 
 CAL = {"energy_eV": 300e3, "semiangle_mrad": 20.0, "scan_step_A": 0.3, "k_sampling_mrad": 0.5, "scan_rotation_deg": 0.0}
 N_K = 128

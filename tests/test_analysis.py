@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from octastem.io import InputError
-from octastem.md.analysis import analyse_frames, br_geometry, time_averaged_structure
+from octastem.md import analyse_frames, br_geometry, time_averaged_structure
 from octastem.structure import build_fapbbr3
 
 

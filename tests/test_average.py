@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from octastem.io import InputError, Stem4D, read_4dstem, write_4dstem
-from octastem.stem.average import Lattice, average_file, average_to_cell, find_lattice, virtual_image
+from octastem.stem import Lattice, average_file, average_to_cell, find_lattice, virtual_image
 
 N_K = 15  # detector pixels per side, 1 mrad each
 CELL = (8, 8)  # output bins (rows along a2, cols along a1)
@@ -129,7 +129,7 @@ def test_average_snr_gain_is_sqrt_n():
     assert abs(avg.extra["snr_gain_split_half"] / gain - 1) < 0.2, (avg.extra["snr_gain_split_half"], gain)
     # calibration of the cell: lattice axes become the output scan axes
     a1 = np.hypot(*TRUE.a1) * STEP_A
-    assert avg.extra["scan_step_x_A"] == pytest.approx(a1 / CELL[1], rel=5e-3)
+    assert avg.scan_step_x_A == pytest.approx(a1 / CELL[1], rel=5e-3)
     assert avg.scan_rotation_deg == pytest.approx(5.0 - 10.0, abs=0.2)
     assert avg.extra["cell_angle_deg"] == pytest.approx(90 - math.degrees(math.atan2(0.28, 7.9)), abs=0.3)
 

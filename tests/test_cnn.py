@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from octastem.cnn import core as cnn
+from octastem import cnn
 from octastem.io import InputError, Stem4D, write_4dstem
+from octastem.units import electron_wavelength_A
 
 K_MRAD = 1.0
 SEMIANGLE = 14.0  # canonical grid +-28 mrad: needs patterns of at least 2 * 28 + 1 pixels at 1 mrad
@@ -64,7 +65,7 @@ def test_canonical_patterns_preserve_counts_and_centre():
 
 def test_target_phase_band_limit_and_resampling():
     energy, alpha = 300e3, 20.0
-    k_max = 2 * alpha * 1e-3 / cnn.wavelength_A(energy)  # ~2.03 / A
+    k_max = 2 * alpha * 1e-3 / electron_wavelength_A(energy)  # ~2.03 / A
     cell = (8.0, 6.0)
     ny, nx = 120, 160
     x = np.arange(nx) * cell[0] / nx
@@ -204,7 +205,7 @@ def synthetic_shard(path, n_scans=3, ny=8, nx=8, seed=0):
 def tiny_train_config(**changes) -> cnn.TrainConfig:
     """A small network and a short run on the synthetic shards."""
     settings = dict(seed=3, batch_size=32, lr=3e-3, val_fraction=0.34, val_batches=2, width=8, hidden=32)
-    return cnn.TrainConfig(**{**settings, **changes})
+    return cnn.TrainConfig.from_schema(**{**settings, **changes})
 
 
 def test_training_decreases_loss_and_resumes_identically(tmp_path):
@@ -223,8 +224,8 @@ def test_training_decreases_loss_and_resumes_identically(tmp_path):
     assert part["stopped_early_by_time_limit"] and part["epochs_done"] == 1
     resumed = cnn.train([shard], tmp_path / "part", config, device="cpu", threads=1)
     assert resumed["epochs_done"] == 4
-    a = torch.load(tmp_path / "full" / "weights.pt", weights_only=False)["model"]
-    b = torch.load(tmp_path / "part" / "weights.pt", weights_only=False)["model"]
+    a = torch.load(tmp_path / "full" / "weights.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "weights.pt", weights_only=True)["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key])
     # a checkpoint written with other settings is refused
@@ -319,7 +320,7 @@ def test_static_distortion_splits_or_spreads_one_species():
 def test_simulate_scan_conventions():
     from ase import Atoms
 
-    from octastem.cnn.data import simulate_scan
+    from octastem.cnn import simulate_scan
 
     atoms = Atoms("Au", positions=[[1.0, 2.0, 1.0]], cell=[4.0, 4.0, 2.0], pbc=True)
     sim = simulate_scan([atoms], 300e3, 20.0, 1.0, sampling_A=0.1, slice_thickness_A=1.0)
@@ -337,7 +338,7 @@ def test_simulate_scan_conventions():
 
 
 def test_reconstruct_dispatch_uses_committed_weights():
-    from octastem.stem.reconstruct import METHODS, reconstruct
+    from octastem.stem import METHODS, reconstruct
 
     assert "cnn" in METHODS and cnn.DEFAULT_WEIGHTS.exists()
     stem = make_stem()
@@ -348,7 +349,7 @@ def test_reconstruct_dispatch_uses_committed_weights():
 
 
 def test_held_out_structure_and_metrics():
-    from octastem.cnn.evaluate import held_out_frames, pearson, ssim
+    from octastem.cnn import held_out_frames, pearson, ssim
 
     frames = held_out_frames(reps=(2, 2, 2), rattle_A=0.0, n_frames=1)
     atoms = frames[0]

@@ -1,4 +1,4 @@
-"""Cramér-Rao lower bounds (octastem.crlb) against the Monte Carlo spread of joint fits."""
+"""Cramér-Rao lower bounds (octastem.fit.crlb) against the Monte Carlo spread of joint fits."""
 
 import math
 
@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from octastem.fit.core import elliptical_gaussian, fit_joint
-from octastem.fit.crlb import crlb, design, fisher_information, pixel_grid
+from octastem.fit import design, elliptical_gaussian, fisher_information, fit_joint, pixel_grid
+from octastem.fit.crlb import crlb
 from octastem.io import InputError
 
 S = 0.1  # A/px

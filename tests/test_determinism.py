@@ -1,24 +1,21 @@
 """Reproducibility: the tiny config run twice gives the same Table 1, and a change re-runs only
 what depends on it (MD length -> everything downstream of MD; a plotting script -> the report).
 
-The fit-parameter and dose cases are in test_workflow.py. The reference run made here is shared
-with test_faults.py (see :func:`reference_run`).
+The fit-parameter and dose cases are in test_workflow.py. The reference run (fixture ``reference``
+in conftest.py) is shared with test_faults.py.
 """
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import yaml
-from test_workflow import planned_jobs, variant
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "tests" / "configs" / "tiny.yaml"
 
 #: Every rule of the tiny DAG except `structure` (and `all`).
 DOWNSTREAM_OF_MD = {
@@ -37,54 +34,8 @@ DOWNSTREAM_OF_MD = {
 }
 
 
-def snakemake_cmd(workdir, *args, snakefile=None, configfile=TINY):
-    return [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(snakefile or REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(configfile),
-        "--cores",
-        "2",
-        *args,
-    ]
-
-
-def run_snakemake(workdir, *args, check=True, snakefile=None, configfile=TINY):
-    proc = subprocess.run(
-        snakemake_cmd(workdir, *args, snakefile=snakefile, configfile=configfile),
-        capture_output=True,
-        text=True,
-        env=os.environ.copy(),
-    )
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def reference_run(tmp_path_factory) -> Path:
-    """One uninterrupted run of the tiny config per pytest run, shared by the modules that need it."""
-    root = tmp_path_factory.getbasetemp() / "reference-tiny"
-    done = root / ".complete"
-    if not done.exists():
-        shutil.rmtree(root, ignore_errors=True)
-        root.mkdir()
-        run_snakemake(root)
-        done.touch()
-    return root
-
-
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, reference_model_path):
-    return reference_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def second_run(tmp_path_factory, reference_model_path):
+def second_run(tmp_path_factory, reference_model_path, run_snakemake):
     work = tmp_path_factory.mktemp("second-tiny")
     run_snakemake(work)
     return work
@@ -110,7 +61,7 @@ def test_two_runs_give_identical_table1(reference, second_run):
         assert fit.read_bytes() == (second_run / "results/fit" / fit.name).read_bytes(), fit.name
 
 
-def test_md_length_change_reruns_everything_downstream_of_md(reference):
+def test_md_length_change_reruns_everything_downstream_of_md(reference, run_snakemake, variant, planned_jobs):
     cfg = variant(reference, "md_length", md={"total_fs": 4.0})
     jobs = planned_jobs(run_snakemake(reference, "-n", configfile=cfg))
     assert set(jobs) - {"all"} == DOWNSTREAM_OF_MD
@@ -126,7 +77,7 @@ def copy_workflow(dest: Path) -> Path:
     return dest / "Snakefile"
 
 
-def test_plot_script_edit_reruns_only_the_report(reference, tmp_path):
+def test_plot_script_edit_reruns_only_the_report(reference, tmp_path, run_snakemake, planned_jobs):
     snakefile = copy_workflow(tmp_path / "code")
     # unchanged copy: nothing to do
     assert planned_jobs(run_snakemake(reference, "-n", snakefile=snakefile)) == {}

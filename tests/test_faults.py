@@ -1,7 +1,7 @@
 """Faults, for real: a job killed with SIGKILL mid-way, Snakemake itself killed, a corrupt input.
 
 One working directory goes through the faults in order (module fixture ``faulted``); each test
-then checks one consequence against the uninterrupted reference run of test_determinism.py:
+then checks one consequence against the uninterrupted reference run (fixture ``reference``):
 
 1. MD: Snakemake and the md job are killed (SIGKILL, whole process group: a node failure) once
    the partial trajectory holds a checkpoint. After ``--unlock`` the re-run resumes from that
@@ -24,8 +24,6 @@ import numpy as np
 import pandas as pd
 import psutil
 import pytest
-from test_determinism import reference_run, run_snakemake, snakemake_cmd
-from test_workflow import planned_jobs, variant
 
 TRAJECTORY = "results/md/pristine/trajectory.h5"
 PARTIAL = TRAJECTORY + ".partial"
@@ -33,12 +31,11 @@ FIT = ("results/fit/md_pristine.csv", "results/fit/md_pristine.json")
 FIGURE = "results/report/figures/md_pristine.png"
 
 
-def start(workdir, *targets, log="run.log"):
-    """Snakemake in its own process group (so the whole group can be killed like a node)."""
-    out = open(workdir / log, "w")
-    return subprocess.Popen(
-        snakemake_cmd(workdir, *targets), stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-    )
+def start(cmd, log):
+    """Snakemake (command line ``cmd``, output to ``log``) in its own process group (so the whole
+    group can be killed like a node)."""
+    with open(log, "w") as out:
+        return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def wait_for(proc, condition, what, timeout=300.0):
@@ -90,17 +87,12 @@ def kill_group(proc):
 
 
 @pytest.fixture(scope="module")
-def reference(tmp_path_factory, reference_model_path):
-    return reference_run(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def faulted(tmp_path_factory, reference_model_path):
+def faulted(tmp_path_factory, reference_model_path, snakemake_cmd, run_snakemake):
     work = tmp_path_factory.mktemp("faulted")
     notes = {}
 
     # 1. MD: kill Snakemake and the job once a checkpoint past frame 0 exists
-    proc = start(work, TRAJECTORY, log="md-killed.log")
+    proc = start(snakemake_cmd(work, TRAJECTORY), work / "md-killed.log")
     wait_for(proc, lambda: checkpoint_frames(work / PARTIAL) >= 2, "the MD checkpoint at frame 2")
     kill_group(proc)
     notes["md_killed_at"] = checkpoint_frames(work / PARTIAL)
@@ -111,7 +103,7 @@ def faulted(tmp_path_factory, reference_model_path):
     notes["md_log"] = (work / "logs/md/pristine.log").read_text()
 
     # 2. fit: kill the fit job only, Snakemake survives and cleans up
-    proc = start(work, FIT[1], log="fit-killed.log")
+    proc = start(snakemake_cmd(work, FIT[1]), work / "fit-killed.log")
     log = work / "logs/fit/md_pristine.log"
     wait_for(proc, lambda: log.exists() and job_processes(proc, "fit.py"), "the fit job")
     for p in job_processes(proc, "fit.py"):
@@ -122,7 +114,7 @@ def faulted(tmp_path_factory, reference_model_path):
     run_snakemake(work, FIT[1])
 
     # 3. report: kill Snakemake together with a figure job
-    proc = start(work, FIGURE, log="figure-killed.log")
+    proc = start(snakemake_cmd(work, FIGURE), work / "figure-killed.log")
     log = work / "logs/report/figure_md_pristine.log"
     wait_for(proc, lambda: log.exists() and job_processes(proc, "figure.py"), "the figure job")
     kill_group(proc)
@@ -133,6 +125,7 @@ def faulted(tmp_path_factory, reference_model_path):
     return work, notes
 
 
+@pytest.mark.slow
 def test_md_killed_resumes_to_the_same_frames(faulted, reference):
     work, notes = faulted
     n_total = 4  # tiny config: 3 fs, a frame every 1 fs
@@ -149,6 +142,7 @@ def test_md_killed_resumes_to_the_same_frames(faulted, reference):
         assert np.array_equal(resumed["time_fs"][()], np.arange(n_total, dtype=float))
 
 
+@pytest.mark.slow
 def test_fit_killed_leaves_no_output_and_reruns(faulted, reference):
     work, notes = faulted
     assert notes["fit_rc"] != 0
@@ -162,7 +156,8 @@ def test_fit_killed_leaves_no_output_and_reruns(faulted, reference):
     assert not list((work / "results/fit").glob(".*.part.*")), "a temporary file of an atomic write survived"
 
 
-def test_figure_killed_with_snakemake_reruns(faulted, reference):
+@pytest.mark.slow
+def test_figure_killed_with_snakemake_reruns(faulted, reference, run_snakemake, planned_jobs):
     work, notes = faulted
     # Snakemake had no chance to clean up: the output is either absent or complete (atomic rename),
     # and it is marked incomplete so that the next run (rerun-incomplete) makes it again
@@ -173,7 +168,8 @@ def test_figure_killed_with_snakemake_reruns(faulted, reference):
     assert planned_jobs(run_snakemake(work, "-n", FIGURE)) == {}
 
 
-def test_corrupt_input_fails_clearly_without_outputs(tmp_path):
+@pytest.mark.slow
+def test_corrupt_input_fails_clearly_without_outputs(tmp_path, run_snakemake, variant):
     """A truncated raw dataset: the ingest job fails naming the file, and writes nothing."""
     data = np.random.default_rng(0).poisson(5.0, (6, 6, 16, 16)).astype(np.uint16)
     np.save(tmp_path / "scan.npy", data)
@@ -196,7 +192,7 @@ def test_corrupt_input_fails_clearly_without_outputs(tmp_path):
 
 def test_corrupt_trajectory_is_named(tmp_path):
     from octastem.io import InputError
-    from octastem.md.run import read_frames
+    from octastem.md import read_frames
 
     path = tmp_path / "trajectory.h5"
     path.write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(200))

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from octastem.fit.core import (
+from octastem.fit import (
     axes_to_cov,
     column_grid,
     cov_to_axes,
@@ -15,12 +15,13 @@ from octastem.fit.core import (
     fit_columns,
     fit_image_file,
     model_image,
+    pixel_grid,
     plot_model,
     refine_origin,
     round_baseline,
     summarize,
 )
-from octastem.fit.crlb import crlb, pixel_grid
+from octastem.fit.crlb import crlb
 from octastem.io import InputError, write_image
 
 A = 6.0  # lattice constant, A
@@ -363,7 +364,7 @@ def test_fast_path_bad_inputs():
 def test_failed_baseline_leaves_the_measurement(tmp_path, monkeypatch):
     """When the round-column baseline cannot be fitted (too noisy an image for round columns), the
     measured values are still written, with a NaN baseline and the reason in the summary."""
-    import octastem.fit.core as fit_module
+    import octastem.fit.files as fit_module
 
     img, s, n, cell, _ = synth(n=(2, 2), ratio=1.2, noise=0.01)
     path = tmp_path / "phase.h5"

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from octastem.io import InputError, read_4dstem
-from octastem.stem.ingest import electron_wavelength_A, ingest
+from octastem.stem import ingest
+from octastem.units import electron_wavelength_A
 
 CAL = {
     "energy_eV": 300e3,

@@ -3,8 +3,7 @@ import numpy as np
 import pytest
 
 from octastem.io import InputError
-from octastem.md.mlp import check_elements, load_mace_model
-from octastem.md.run import partial_path, read_frames, run_npt
+from octastem.md import check_elements, load_mace_model, partial_path, read_frames, run_npt
 from octastem.structure import build_fapbbr3
 
 

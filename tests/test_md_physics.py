@@ -15,8 +15,7 @@ from ase.md.langevinbaoab import LangevinBAOAB
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 from ase.md.verlet import VelocityVerlet
 
-from octastem.md.mlp import load_mace_model, mace_calculator
-from octastem.md.run import run_npt
+from octastem.md import load_mace_model, mace_calculator, run_npt
 from octastem.structure import build_fapbbr3
 
 STUDENT = Path(__file__).resolve().parents[1] / "resources" / "student" / "fapbbr3_student.model"

@@ -11,15 +11,25 @@ import pytest
 
 from octastem import io, stages
 from octastem.io import InputError, read_4dstem
-from octastem.stem.average import virtual_image
-from octastem.stem.nanocrystal import build_nanocrystal, fa_molecules
-from octastem.stem.reconstruct import center_of_mass
-from octastem.stem.simulate import antialias_sampling_A, simulate_4dstem
+from octastem.stem import (
+    antialias_sampling_A,
+    build_nanocrystal,
+    center_of_mass,
+    fa_molecules,
+    simulate_4dstem,
+    virtual_image,
+)
 from octastem.structure import build_fapbbr3, composition
 
 A = 6.0
 # small, fast optics: 40 mrad detector -> 0.16 A potential sampling, 2 A slices, 0.5 A scan step
-OPTICS = {"semiangle_mrad": 20.0, "max_angle_mrad": 40.0, "scan_step_A": 0.5, "slice_thickness_A": 2.0}
+OPTICS = {
+    "energy_eV": 300e3,
+    "semiangle_mrad": 20.0,
+    "max_angle_mrad": 40.0,
+    "scan_step_A": 0.5,
+    "slice_thickness_A": 2.0,
+}
 
 
 def md_frames(reps=(2, 2, 1), n=2, seed=0):
@@ -55,7 +65,7 @@ def test_cube_has_the_requested_edge(crystal):
     # faces lie halfway between atomic planes (a/2 apart): outermost planes span edge - a/2
     assert np.all(np.abs(extent + A / 2 - 24.0) < 0.6), extent
     # an edge between whole cells is rounded to the nearest whole cell: within one plane spacing
-    other = build_nanocrystal(md_frames(n=1), edge_A=26.0, vacuum_A=4.0)
+    other = build_nanocrystal(md_frames(n=1), edge_A=26.0, vacuum_A=4.0, scan_cells=1.0)
     assert other.cells == (4, 4, 4) and abs(other.edge_A[0] - 26.0) <= A / 2
 
 
@@ -119,10 +129,17 @@ def test_stage_uses_a_different_md_frame_per_configuration(tmp_path, monkeypatch
         extra = {"scan_shape": [2, 2], "sampling_A": 0.16}
         return io.Stem4D(np.zeros((2, 2, 3, 3), np.float32), 300e3, 20.0, 0.5, 1.0, math.inf, extra=extra)
 
-    monkeypatch.setattr("octastem.stem.simulate.simulate_4dstem", fake)
+    monkeypatch.setattr("octastem.stem.simulate_4dstem", fake)
     out = tmp_path / "nc.h5"
     stages.simulate_nanocrystal(
-        traj, out, tmp_path / "nc.extxyz", start_fs=10.0, frames=2, edge_A=24.0, vacuum_A=4.0, scan_cells=1
+        trajectory=traj,
+        output=out,
+        structure_output=tmp_path / "nc.extxyz",
+        start_fs=10.0,
+        frames=2,
+        edge_A=24.0,
+        vacuum_A=4.0,
+        scan_cells=1,
     )
     assert [a.info["time_fs"] for a in seen["frames"]] == [10.0, 30.0]
     assert not np.allclose(seen["frames"][0].positions, seen["frames"][1].positions)
@@ -148,11 +165,18 @@ def test_bad_inputs_name_the_field():
         build_nanocrystal(broken, edge_A=24.0)
     with pytest.raises(InputError, match="other atoms"):
         build_nanocrystal([frames[0], broken], edge_A=24.0)
-    nc = build_nanocrystal(frames, edge_A=24.0, vacuum_A=4.0)
+    nc = build_nanocrystal(frames, edge_A=24.0, vacuum_A=4.0, scan_cells=1.0)
     with pytest.raises(InputError, match="scan_start_A"):
-        simulate_4dstem(nc.frames, specimen="finite", **OPTICS)
+        simulate_4dstem(nc.frames, specimen="finite", sampling_A=0.05, **OPTICS)
     with pytest.raises(InputError, match="outside the box"):
-        simulate_4dstem(nc.frames, specimen="finite", scan_start_A=(20.0, 20.0), scan_period_A=(12.0, 12.0), **OPTICS)
+        simulate_4dstem(
+            nc.frames,
+            specimen="finite",
+            scan_start_A=(20.0, 20.0),
+            scan_period_A=(12.0, 12.0),
+            sampling_A=0.05,
+            **OPTICS,
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,7 +211,7 @@ def corr(a, b):
 
 def test_interior_scan_matches_the_periodic_cell(pair):
     periodic, finite, nc = pair
-    assert nc.edge_A[2] == pytest.approx(periodic.extra["cell_A"][2], rel=0.01)  # same thickness
+    assert nc.edge_A[2] == pytest.approx(periodic.cell_A[2], rel=0.01)  # same thickness
     assert finite.data.shape[:2] == periodic.data.shape[:2] == (24, 24)
     assert finite.extra["cell_positions"] == [24, 24] and finite.extra["specimen"] == "finite"
     assert finite.extra["sampling_A"] <= antialias_sampling_A(300e3, 40.0)
@@ -204,7 +228,7 @@ def test_detector_rebinning_preserves_counts(pair):
 
     _, finite, _ = pair
     n_ky, n_kx = finite.data.shape[2:]
-    dky, dkx = finite.extra["k_sampling_y_mrad"], finite.extra["k_sampling_x_mrad"]
+    dky, dkx = finite.k_sampling_y_mrad, finite.k_sampling_x_mrad
     ry, rx = _rebin_axis(n_ky, dky, 3.0 * dky), _rebin_axis(n_kx, dkx, 3.0 * dkx)
     assert rx.shape[0] % 2 == 1 and rx.shape[0] <= n_kx // 3 + 1  # odd, centred on the optical axis
     assert np.allclose(rx.sum(axis=1), 3.0) and np.allclose(ry.sum(axis=1), 3.0)  # output pixels fully covered
@@ -223,11 +247,11 @@ def test_poisson_dose_per_acquisition(pair, tmp_path):
     io.write_4dstem(clean, finite)
     fraction = finite.data.sum(axis=(2, 3))
     n_pos = fraction.size
-    step2 = finite.extra["scan_step_x_A"] * finite.extra["scan_step_y_A"]
+    step2 = finite.scan_step_x_A * finite.scan_step_y_A
     means = {}
     for dose in (48.0, 144.0):
         out = tmp_path / f"d{dose:g}.h5"
-        stages.dose(clean, out, dose, seed=5, averaged_cells=1)
+        stages.dose(input_path=clean, output=out, dose_e_per_A2=dose, seed=5, averaged_cells=1)
         noisy = read_4dstem(out)
         counts = noisy.data.sum(axis=(2, 3))
         assert noisy.dose_e_per_A2 == dose and noisy.extra["electrons_per_position"] == pytest.approx(dose * step2)

@@ -8,8 +8,15 @@ from abtem.core.energy import energy2wavelength
 
 from octastem.io import InputError, Stem4D
 from octastem.potential import projected_potential
-from octastem.stem.reconstruct import center_of_mass, icom, integrate_gradient, reconstruct, square_grid, square_pixels
-from octastem.stem.simulate import simulate_4dstem
+from octastem.stem import (
+    center_of_mass,
+    icom,
+    integrate_gradient,
+    reconstruct,
+    simulate_4dstem,
+    square_grid,
+    square_pixels,
+)
 from octastem.structure import build_fapbbr3
 
 ENERGY = 300e3
@@ -114,7 +121,7 @@ def test_icom_image_spans_the_scanned_cell_with_unequal_steps():
     # smaller by 0.25 / 0.27 in rad/A
     sy = 0.27
     stem = make_stem(spot_patterns(scale * gx, scale * gy * 0.25 / sy), 0.26)
-    stem.extra.update(scan_step_x_A=0.25, scan_step_y_A=sy)
+    stem.scan_step_x_A, stem.scan_step_y_A = 0.25, sy
     image, s = reconstruct(stem, "icom", sampling_A=0.1)
     assert s <= 0.1
     assert image.shape[1] * s == pytest.approx(30 * 0.25, rel=1e-9)
@@ -151,6 +158,7 @@ def test_icom_of_thin_cell_follows_projected_potential():
     step, sampling, semiangle = 0.3, 0.05, 25.0
     stem = simulate_4dstem(
         atoms,
+        energy_eV=ENERGY,
         scan_step_A=step,
         sampling_A=sampling,
         slice_thickness_A=1.0,

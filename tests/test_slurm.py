@@ -15,12 +15,15 @@ import re
 import shlex
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pandas as pd
 import pytest
 import yaml
+
+from octastem.cli import snakemake_command
+
+pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "configs" / "tiny.yaml"
@@ -101,13 +104,8 @@ def option(args: list[str], name: str) -> str | None:
 
 def test_tiny_config_on_slurm(cluster, tmp_path, reference_model_path):
     site, cpu, gpu = site_profile(tmp_path)
-    cmd = [
-        sys.executable, "-m", "snakemake",
-        "--snakefile", str(REPO / "Snakefile"),
-        "--directory", str(tmp_path),
-        "--configfile", str(TINY),
-        "--profile", str(PROFILE),
-        *(["--profile", str(site)] if site else []),
+    cmd = snakemake_command(
+        tmp_path,
         # test-only settings: few jobs at once, one thread per process on a small machine (the
         # requested CPUs stay those of the profile), quick status polling without accounting
         "--jobs", "3",
@@ -115,7 +113,9 @@ def test_tiny_config_on_slurm(cluster, tmp_path, reference_model_path):
         "--slurm-status-command", "squeue",
         "--slurm-init-seconds-before-status-checks", "2",
         "--verbose",
-    ]  # fmt: skip
+        configfiles=[TINY],
+        profiles=[PROFILE, *([site] if site else [])],
+    )  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy(), timeout=1800)
     log = proc.stdout + proc.stderr
     (tmp_path / "snakemake-slurm.log").write_text(log)

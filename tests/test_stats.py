@@ -1,11 +1,11 @@
-"""Median and standard error of the median (octastem.stats)."""
+"""Median and standard error of the median (octastem.fit.stats)."""
 
 import math
 
 import numpy as np
 import pytest
 
-from octastem.fit.stats import density_at_median, median_se
+from octastem.fit import density_at_median, median_se
 from octastem.io import InputError
 
 

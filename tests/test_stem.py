@@ -10,12 +10,12 @@ import pytest
 from ase import Atoms
 
 from octastem.io import STEM_ATTRS, InputError, read_4dstem, write_4dstem
-from octastem.stem.reconstruct import center_of_mass
-from octastem.stem.simulate import add_poisson_noise, simulate_4dstem
+from octastem.stem import add_poisson_noise, center_of_mass, simulate_4dstem
 from octastem.structure import build_fapbbr3
 
 STEP = 0.3
-FAST = {"scan_step_A": STEP, "sampling_A": 0.05, "slice_thickness_A": 2.0, "num_workers": 2}
+OPTICS = {"energy_eV": 300e3, "semiangle_mrad": 25.0}
+FAST = {**OPTICS, "scan_step_A": STEP, "sampling_A": 0.05, "slice_thickness_A": 2.0, "num_workers": 2}
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def test_shape_and_normalisation(clean):
     assert clean.data.dtype == np.float32
     assert clean.data.shape[:2] == (20, 20)
     assert clean.scan_step_A == pytest.approx(STEP)
-    assert clean.extra["scan_shape"] == [20, 20]
+    assert clean.scan_shape == [20, 20]
     sums = clean.data.sum(axis=(2, 3))
     # each pattern holds the fraction of the beam inside max_angle: ~1, never more (the heavy
     # Pb-Br column scatters ~9 % beyond 2x the semi-angle)
@@ -40,7 +40,7 @@ def test_shape_and_normalisation(clean):
 
 def test_vacuum_patterns_hold_the_whole_beam():
     vacuum = Atoms("H", positions=[(0.0, 0.0, 0.5)], cell=[3.0, 3.0, 1.0], pbc=True)
-    stem = simulate_4dstem(vacuum, scan_step_A=1.0, sampling_A=0.05, slice_thickness_A=1.0, num_workers=2)
+    stem = simulate_4dstem(vacuum, scan_step_A=1.0, sampling_A=0.05, slice_thickness_A=1.0, num_workers=2, **OPTICS)
     assert np.allclose(stem.data.sum(axis=(2, 3)), 1.0, atol=2e-3)
 
 
@@ -94,10 +94,10 @@ def test_orientation_and_deflection_sign():
     # beam is deflected towards the atom (attractive potential), so a probe left of the atom
     # sees +x deflection and a probe above it (larger y) sees -y deflection.
     atoms = Atoms("Pb", positions=[(1.5, 0.0, 1.0)], cell=[4.5, 3.0, 2.0], pbc=True)
-    stem = simulate_4dstem(atoms, scan_step_A=0.3, sampling_A=0.05, slice_thickness_A=2.0, num_workers=2)
+    stem = simulate_4dstem(atoms, scan_step_A=0.3, sampling_A=0.05, slice_thickness_A=2.0, num_workers=2, **OPTICS)
     assert stem.data.shape[:2] == (10, 15)
-    assert stem.extra["cell_A"] == pytest.approx([4.5, 3.0, 2.0])
-    kx, ky = stem.extra["k_sampling_x_mrad"], stem.extra["k_sampling_y_mrad"]
+    assert stem.cell_A == pytest.approx([4.5, 3.0, 2.0])
+    kx, ky = stem.k_sampling_x_mrad, stem.k_sampling_y_mrad
     assert ky / kx == pytest.approx(4.5 / 3.0)  # k sampling = lambda / L per axis
     assert stem.data.shape[3] * kx == pytest.approx(stem.data.shape[2] * ky, rel=0.1)
     com_x, com_y = center_of_mass(stem, origin="axis")
@@ -110,8 +110,8 @@ def test_orientation_and_deflection_sign():
 def test_bad_settings():
     atoms = build_fapbbr3((1, 1, 1))
     with pytest.raises(InputError, match="max_angle_mrad"):
-        simulate_4dstem(atoms, sampling_A=0.2, max_angle_mrad=80.0)
+        simulate_4dstem(atoms, sampling_A=0.2, max_angle_mrad=80.0, scan_step_A=0.3, slice_thickness_A=1.0, **OPTICS)
     with pytest.raises(InputError, match="scan_step_A"):
-        simulate_4dstem(atoms, scan_step_A=0.0)
+        simulate_4dstem(atoms, scan_step_A=0.0, sampling_A=0.05, slice_thickness_A=1.0, **OPTICS)
     with pytest.raises(InputError, match="dose"):
         add_poisson_noise(np.ones((2, 2, 4, 4)), -1.0, 0.3, 0)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from octastem.io import InputError
-from octastem.md.mlp import load_mace_model, mace_calculator, model_elements
+from octastem.md import load_mace_model, mace_calculator, model_elements
 from octastem.structure import build_fapbbr3, remove_fabr_pairs
 
 # sleeping (not spinning) OpenMP waits: keeps the timing fair on a machine shared with other jobs
@@ -69,7 +69,7 @@ def test_student_translation_and_rotation_invariant(student):
 
 
 def test_student_unknown_element_refused(student):
-    from octastem.md.mlp import check_elements
+    from octastem.md import check_elements
 
     model, _ = student
     atoms = build_fapbbr3((1, 1, 1))

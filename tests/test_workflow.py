@@ -1,73 +1,18 @@
 """The whole DAG on a tiny config, and what Snakemake re-plans when an input changes."""
 
-import os
-import re
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-TINY = REPO / "tests" / "configs" / "tiny.yaml"
-
-
-def variant(workdir, name, **changes):
-    """A copy of the tiny config with top-level sections updated (nested dicts merged)."""
-    cfg = yaml.safe_load(TINY.read_text())
-    for key, value in changes.items():
-        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
-            cfg[key] = {**cfg[key], **value}
-        else:
-            cfg[key] = value
-    path = Path(workdir) / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    return path
-
-
-def snakemake(workdir, *args, check=True, configfile=TINY):
-    cmd = [
-        sys.executable,
-        "-m",
-        "snakemake",
-        "--snakefile",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--configfile",
-        str(configfile),
-        "--cores",
-        "2",
-        *args,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=os.environ.copy())
-    if check and proc.returncode != 0:
-        raise AssertionError(f"snakemake failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def planned_jobs(proc) -> dict[str, int]:
-    """Rule -> count from the 'Job stats' table of a dry run."""
-    text = proc.stdout + proc.stderr
-    jobs = {}
-    block = text.split("Job stats:")[-1] if "Job stats:" in text else ""
-    for line in block.splitlines():
-        m = re.match(r"^(\w+)\s+(\d+)$", line.strip())
-        if m and m.group(1) != "total":
-            jobs[m.group(1)] = int(m.group(2))
-    return jobs
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, reference_model_path):
+def tiny_run(tmp_path_factory, reference_model_path, run_snakemake):
     work = tmp_path_factory.mktemp("tiny")
-    snakemake(work)
+    run_snakemake(work)
     return work
 
 
+@pytest.mark.slow
 def test_full_dag_makes_table1(tiny_run):
     table = pd.read_csv(tiny_run / "results/report/table1.csv")
     assert list(table["label"]) == [
@@ -88,35 +33,39 @@ def test_full_dag_makes_table1(tiny_run):
     assert not list((tiny_run / "results").rglob("*.part*"))
 
 
-def test_nothing_left_to_do(tiny_run):
-    assert planned_jobs(snakemake(tiny_run, "-n")) == {}
+@pytest.mark.slow
+def test_nothing_left_to_do(tiny_run, run_snakemake, planned_jobs):
+    assert planned_jobs(run_snakemake(tiny_run, "-n")) == {}
 
 
-def test_fit_change_replans_only_fit_and_report(tiny_run):
+@pytest.mark.slow
+def test_fit_change_replans_only_fit_and_report(tiny_run, run_snakemake, variant, planned_jobs):
     cfg = variant(tiny_run, "fit_window", fit={"window_A": 6.5})
-    jobs = planned_jobs(snakemake(tiny_run, "-n", configfile=cfg))
+    jobs = planned_jobs(run_snakemake(tiny_run, "-n", configfile=cfg))
     assert set(jobs) == {"fit_md", "fit_stem", "figure", "table1", "table1_plot", "all"}
 
 
-def test_dose_change_never_replans_md_or_multislice(tiny_run):
+@pytest.mark.slow
+def test_dose_change_never_replans_md_or_multislice(tiny_run, run_snakemake, variant, planned_jobs):
     cfg = variant(tiny_run, "dose", samples={"low_dose": {"dose_e_per_A2": 30.0, "system": "pristine"}})
-    jobs = planned_jobs(snakemake(tiny_run, "-n", configfile=cfg))
+    jobs = planned_jobs(run_snakemake(tiny_run, "-n", configfile=cfg))
     assert {"dose", "reconstruct", "fit_stem", "table1"} <= set(jobs)
     assert not {"structure", "md", "simulate_4dstem", "snapshot_potential", "fit_md"} & set(jobs)
     assert jobs["dose"] == 1  # only the changed sample
 
 
-def test_bad_config_fails_before_any_job(tmp_path):
-    proc = snakemake(tmp_path, "-n", check=False, configfile=variant(tmp_path, "typo", fit={"windw_A": 6.0}))
+def test_bad_config_fails_before_any_job(tmp_path, run_snakemake, variant):
+    proc = run_snakemake(tmp_path, "-n", check=False, configfile=variant(tmp_path, "typo", fit={"windw_A": 6.0}))
     assert proc.returncode != 0
     assert "windw_A" in proc.stdout + proc.stderr
     bad = variant(tmp_path, "nosuch", samples={"low_dose": {"dose_e_per_A2": 48.0, "system": "nosuch"}})
-    proc = snakemake(tmp_path, "-n", check=False, configfile=bad)
+    proc = run_snakemake(tmp_path, "-n", check=False, configfile=bad)
     assert proc.returncode != 0 and "samples.low_dose.system" in proc.stdout + proc.stderr
     assert not (tmp_path / "results").exists() and not (tmp_path / "logs").exists()
 
 
-def test_raw_dataset_through_ingest_and_average(tiny_run):
+@pytest.mark.slow
+def test_raw_dataset_through_ingest_and_average(tiny_run, run_snakemake, variant):
     """A measured-style dataset (.npy, a scan over 4x4 copies of the cell, Poisson counts) enters
     through ingest, is template-matching averaged back onto the cell and reaches Table 1."""
     import json
@@ -151,7 +100,7 @@ def test_raw_dataset_through_ingest_and_average(tiny_run):
         table1=columns,
         average={"cell_shape": [30, 30], "supercell": [2, 2]},
     )
-    snakemake(tiny_run, configfile=cfg)
+    run_snakemake(tiny_run, configfile=cfg)
     table = pd.read_csv(tiny_run / "results/report/table1.csv")
     row = table.set_index("label").loc["Measured"]
     assert not row["simulated"] and row["origin"] == "measured.npy"
@@ -162,6 +111,7 @@ def test_raw_dataset_through_ingest_and_average(tiny_run):
     assert ingested
 
 
+@pytest.mark.slow
 def test_outputs_record_provenance(tiny_run):
     """Trajectory, images and fit summaries carry versions, config hash, params (seeds) and input checksums."""
     import hashlib
@@ -185,7 +135,8 @@ def test_outputs_record_provenance(tiny_run):
     assert record["run"]["config_sha256"] in (tiny_run / "results/report/table1.md").read_text()
 
 
-def test_nanocrystal_samples_are_averaged_like_measured_data(tiny_run):
+@pytest.mark.slow
+def test_nanocrystal_samples_are_averaged_like_measured_data(tiny_run, run_snakemake, variant, planned_jobs):
     """Simulated samples from a nanocrystal: noisy scan of the crystal's centre -> template-matching
     average onto one MD cell -> reconstruct -> fit -> Table 1 (MD and its trajectories are reused)."""
     import json
@@ -203,13 +154,13 @@ def test_nanocrystal_samples_are_averaged_like_measured_data(tiny_run):
         average={"weights": "linear", "image": "adf"},
         reconstruct={"methods": ["icom"], "table_method": "icom", "sampling_A": 0.1},
     )
-    jobs = planned_jobs(snakemake(tiny_run, "-n", configfile=cfg))
+    jobs = planned_jobs(run_snakemake(tiny_run, "-n", configfile=cfg))
     assert jobs["simulate_nanocrystal"] == 1 and jobs["dose_nanocrystal"] == 2 and jobs["average"] == 2
     assert not {"md", "simulate_4dstem", "dose"} & set(jobs)
-    snakemake(tiny_run, configfile=cfg)
+    run_snakemake(tiny_run, configfile=cfg)
 
     raw = read_4dstem(tiny_run / "results/stem/raw/low_dose.h5")
-    assert raw.extra["specimen"] == "finite" and raw.extra["scan_shape"] == [60, 60]  # 2 x 2 cells of 12 A, 0.4 A
+    assert raw.extra["specimen"] == "finite" and raw.scan_shape == [60, 60]  # 2 x 2 cells of 12 A, 0.4 A
     assert raw.extra["averaged_cells"] == 1  # one acquisition at the dose: dose * step^2 electrons per position
     counts = raw.data.sum(axis=(2, 3)).mean()
     assert 0.85 * 48.0 * 0.4**2 < counts <= 48.0 * 0.4**2 * 1.05

@@ -3,34 +3,62 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+from octastem.config import schema_defaults
 from octastem.io import InputError
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(args: argparse.Namespace, extra: list[str]) -> int:
+def snakemake_command(
+    directory: str | os.PathLike,
+    *args: str | os.PathLike,
+    snakefile: str | os.PathLike | None = None,
+    configfiles: Sequence[str | os.PathLike] = (),
+    profiles: Sequence[str | os.PathLike] = (),
+    cores: str | int = "all",
+) -> list[str]:
+    """The command line that runs the workflow (this repository's Snakefile unless ``snakefile``) in
+    ``directory`` with this interpreter's Snakemake.
+
+    Config files and profiles are passed in order (later ones override earlier keys); ``cores``
+    applies only without a profile, which sets its own. ``args`` (targets, ``-n``, further options)
+    come last, as given.
+    """
     cmd = [
         sys.executable,
         "-m",
         "snakemake",
         "--snakefile",
-        str(REPO / "Snakefile"),
+        str(snakefile or REPO / "Snakefile"),
         "--directory",
-        str(args.directory),
+        str(directory),
     ]
-    if args.paper:
-        cmd += ["--configfile", str(REPO / "config" / "paper.yaml")]
+    for path in configfiles:
+        cmd += ["--configfile", str(path)]
+    for profile in profiles:
+        cmd += ["--profile", str(profile)]
+    if not profiles:
+        cmd += ["--cores", str(cores)]
+    return cmd + [str(a) for a in args]
+
+
+def _run(args: argparse.Namespace, extra: list[str]) -> int:
+    configfiles = [REPO / "config" / "paper.yaml"] if args.paper else []
     if args.configfile:
-        cmd += ["--configfile", str(args.configfile)]
-    if args.profile:
-        cmd += ["--profile", str(args.profile)]
-    else:
-        cmd += ["--cores", str(args.cores)]
-    cmd += extra
+        configfiles.append(args.configfile)
+    cmd = snakemake_command(
+        args.directory,
+        *extra,
+        configfiles=configfiles,
+        profiles=[args.profile] if args.profile else [],
+        cores=args.cores,
+    )
     print("+", " ".join(cmd), file=sys.stderr)
     rc = subprocess.call(cmd)
     if rc == 0 and args.report and "-n" not in extra and "--dry-run" not in extra:
@@ -48,7 +76,7 @@ def _fetch(args: argparse.Namespace, extra: list[str]) -> int:
 def _structure(args: argparse.Namespace, extra: list[str]) -> int:
     from octastem import stages
 
-    stages.structure(args.output, n_vacancies=args.vacancies, reps=args.reps, a_A=args.a, seed=args.seed)
+    stages.structure(output=args.output, n_vacancies=args.vacancies, reps=args.reps, a_A=args.a, seed=args.seed)
     print(args.output)
     return 0
 
@@ -78,12 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("name")
     f.set_defaults(func=_fetch)
 
+    d = schema_defaults("structure")
     s = sub.add_parser("structure", help="write a cubic FAPbBr3 supercell with FABr vacancies (extxyz)")
     s.add_argument("output")
-    s.add_argument("--reps", type=int, nargs=3, default=[4, 4, 4])
+    s.add_argument("--reps", type=int, nargs=3, default=d["reps"], help=f"supercell (default {d['reps']})")
     s.add_argument("--vacancies", type=int, default=0)
-    s.add_argument("--a", type=float, default=6.0, help="lattice parameter (A)")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--a", type=float, default=d["a_A"], help=f"lattice parameter (A, default {d['a_A']})")
+    s.add_argument("--seed", type=int, default=d["vacancy_seed"], help="vacancy seed")
     s.set_defaults(func=_structure)
 
     t = sub.add_parser("table1", help="print results/report/table1.md")

@@ -1,6 +1,8 @@
-"""File contracts between pipeline stages (see DESIGN.md), written atomically.
+"""File contracts between pipeline stages, written atomically.
 
-- 4D-STEM: HDF5 dataset ``data`` shaped (scan_y, scan_x, k_y, k_x) with calibration attributes.
+- 4D-STEM: HDF5 dataset ``data`` shaped (scan_y, scan_x, k_y, k_x) with calibration attributes
+  (:data:`STEM_ATTRS`, the per-axis :data:`STEM_AXIS_ATTRS`, then any others), in memory a
+  :class:`Stem4D`; :func:`read_4dstem` reads it whole, :func:`open_4dstem` in parts.
 - Images (phase, projected potential): HDF5 dataset ``image`` (y, x) float32 with ``sampling_A``,
   ``kind`` and ``provenance``.
 
@@ -165,9 +167,31 @@ def provenance(**extra: Any) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+#: Per-axis calibration and scan geometry: typed fields of :class:`Stem4D`, each stored as the
+#: attribute of the same name next to :data:`STEM_ATTRS`.
+STEM_AXIS_ATTRS = ("scan_step_x_A", "scan_step_y_A", "k_sampling_x_mrad", "k_sampling_y_mrad", "scan_shape", "cell_A")
+
+
 @dataclass
 class Stem4D:
-    """A 4D-STEM dataset in memory: ``data`` (scan_y, scan_x, k_y, k_x) and its calibration."""
+    """A 4D-STEM dataset in memory: ``data`` (scan_y, scan_x, k_y, k_x) and its calibration.
+
+    Units: energy eV, semi-angle and detector sampling mrad, scan steps A, dose e/A^2, rotation deg.
+    ``scan_step_x_A`` / ``scan_step_y_A``: steps along the scan columns (x) and rows (y);
+    ``k_sampling_x_mrad`` / ``k_sampling_y_mrad``: detector pixel along k_x and k_y. Each takes
+    the scalar ``scan_step_A`` / ``k_sampling_mrad`` where not given (a file without per-axis
+    attributes); the scalars are the file attributes of that name, the means of x and y for the
+    datasets made here. ``scan_shape``: (rows, cols) of the scan or averaged cell; ``cell_A``:
+    (Lx, Ly, Lz) of a simulated cell or box; both None where not recorded. ``extra``: every other
+    attribute; per-axis names given in ``extra`` go to their fields.
+
+    ``attr_order``: the order in which the attributes after :data:`STEM_ATTRS` are written (an
+    HDF5 file's bytes depend on it): a file's own order for a dataset read from it, so a dataset
+    read and written back, or made twice, gives the same file. Names not in it follow, the
+    per-axis fields first; a per-axis value equal to its scalar is written only where named in
+    it (the file held it, or the dataset's maker lists it), so a file without per-axis attributes
+    stays without.
+    """
 
     data: np.ndarray
     energy_eV: float
@@ -179,11 +203,66 @@ class Stem4D:
     source: str = "simulated"
     provenance: str = "{}"
     extra: dict = field(default_factory=dict)
+    scan_step_x_A: float | None = None
+    scan_step_y_A: float | None = None
+    k_sampling_x_mrad: float | None = None
+    k_sampling_y_mrad: float | None = None
+    scan_shape: list[int] | None = None
+    cell_A: list[float] | None = None
+    attr_order: tuple[str, ...] = field(default=(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if any(k in self.extra for k in STEM_AXIS_ATTRS):
+            if not self.attr_order:
+                self.attr_order = tuple(self.extra)
+            extra = dict(self.extra)
+            for k in STEM_AXIS_ATTRS:
+                if k in extra:
+                    value = extra.pop(k)
+                    if getattr(self, k) is None:
+                        setattr(self, k, value)
+            self.extra = extra
+        self.attr_order = tuple(self.attr_order)
+        if self.scan_step_x_A is None:
+            self.scan_step_x_A = self.scan_step_A
+        if self.scan_step_y_A is None:
+            self.scan_step_y_A = self.scan_step_A
+        if self.k_sampling_x_mrad is None:
+            self.k_sampling_x_mrad = self.k_sampling_mrad
+        if self.k_sampling_y_mrad is None:
+            self.k_sampling_y_mrad = self.k_sampling_mrad
+
+    @classmethod
+    def from_attrs(cls, data: Any, attrs: dict) -> Stem4D:
+        """The dataset of ``data`` and its file attributes (plain values, as :func:`open_4dstem` gives them).
+
+        ``data`` may be an open ``h5py.Dataset`` (read in parts) or an array; the attribute order is kept.
+        """
+        extra = {k: v for k, v in attrs.items() if k not in STEM_ATTRS}
+        return cls(data=data, extra=extra, attr_order=tuple(extra), **{k: attrs[k] for k in STEM_ATTRS})
+
+    def _implicit(self, name: str) -> bool:
+        """Whether the per-axis field ``name`` is left out of the file: unset, or its scalar's value not named
+        in ``attr_order``."""
+        value = getattr(self, name)
+        scalar = {
+            "scan_step_x_A": self.scan_step_A,
+            "scan_step_y_A": self.scan_step_A,
+            "k_sampling_x_mrad": self.k_sampling_mrad,
+            "k_sampling_y_mrad": self.k_sampling_mrad,
+        }
+        return value is None or (name in scalar and name not in self.attr_order and value == scalar[name])
 
     @property
     def attrs(self) -> dict:
+        """The file attributes: :data:`STEM_ATTRS`, then the per-axis fields and ``extra`` in ``attr_order``."""
         d = {k: getattr(self, k) for k in STEM_ATTRS}
-        d.update(self.extra)
+        rest = {k: getattr(self, k) for k in STEM_AXIS_ATTRS if not self._implicit(k)}
+        rest.update(self.extra)
+        for k in self.attr_order:
+            if k in rest:
+                d[k] = rest.pop(k)
+        d.update(rest)
         return d
 
 
@@ -206,27 +285,10 @@ def write_4dstem(path: str | os.PathLike, stem: Stem4D, chunks: bool = True) -> 
 
 
 def read_4dstem(path: str | os.PathLike) -> Stem4D:
-    """Read the internal 4D-STEM HDF5 format, checking rank and calibration."""
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: file not found")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise InputError(f"{path}: not a readable HDF5 file ({e})") from e
-    with f:
-        if "data" not in f:
-            raise InputError(f"{path}: missing dataset 'data' (scan_y, scan_x, k_y, k_x)")
-        ds = f["data"]
-        if ds.ndim != 4:
-            raise InputError(f"{path}: field 'data' must be 4D (scan_y, scan_x, k_y, k_x), got shape {ds.shape}")
-        missing = [k for k in STEM_ATTRS if k not in ds.attrs]
-        if missing:
-            raise InputError(f"{path}: dataset 'data' lacks calibration attribute(s) {missing}")
-        attrs = {k: _plain(v) for k, v in ds.attrs.items()}
+    """Read the internal 4D-STEM HDF5 format, checking rank and calibration (see :func:`open_4dstem`)."""
+    with open_4dstem(path) as (ds, attrs):
         data = ds[()]
-    extra = {k: v for k, v in attrs.items() if k not in STEM_ATTRS}
-    return Stem4D(data=data, extra=extra, **{k: attrs[k] for k in STEM_ATTRS})
+    return Stem4D.from_attrs(data, attrs)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -262,6 +324,21 @@ def read_image(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
         return ds[()], {k: _plain(v) for k, v in ds.attrs.items()}
 
 
+def open_hdf5(path: str | os.PathLike, what: str = "file", damaged: str = "") -> h5py.File:
+    """``path`` open for reading as HDF5; :class:`InputError` naming it if it is missing or unreadable.
+
+    ``what`` names the kind of file in the messages ("file", "trajectory"); ``damaged`` is added to
+    the unreadable message (e.g. ", truncated or corrupt").
+    """
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f"{path}: {what} not found")
+    try:
+        return h5py.File(path, "r")
+    except OSError as e:
+        raise InputError(f"{path}: not a readable HDF5 {what}{damaged} ({e})") from e
+
+
 def _plain(v: Any) -> Any:
     if isinstance(v, bytes):
         return v.decode()
@@ -270,3 +347,23 @@ def _plain(v: Any) -> Any:
     if isinstance(v, np.generic):
         return v.item()
     return v
+
+
+@contextlib.contextmanager
+def open_4dstem(path: str | os.PathLike) -> Iterator[tuple[h5py.Dataset, dict]]:
+    """The dataset ``data`` of an internal 4D-STEM file, open for reading in parts (e.g. scan rows),
+    and its attributes as plain values, after the checks of :func:`read_4dstem` (rank, calibration).
+
+    For readers that stream a scan too large to hold in memory; the file closes with the block.
+    """
+    path = Path(path)
+    with open_hdf5(path) as f:
+        if "data" not in f:
+            raise InputError(f"{path}: missing dataset 'data' (scan_y, scan_x, k_y, k_x)")
+        ds = f["data"]
+        if ds.ndim != 4:
+            raise InputError(f"{path}: field 'data' must be 4D (scan_y, scan_x, k_y, k_x), got shape {ds.shape}")
+        missing = [k for k in STEM_ATTRS if k not in ds.attrs]
+        if missing:
+            raise InputError(f"{path}: dataset 'data' lacks calibration attribute(s) {missing}")
+        yield ds, {k: _plain(v) for k, v in ds.attrs.items()}

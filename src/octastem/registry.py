@@ -84,3 +84,18 @@ def fetch(name: str, registry: str | os.PathLike | None = None, progress: bool =
     if isinstance(out, list):
         out = out[0]
     return Path(out)
+
+
+def is_entry(name: str, registry: str | os.PathLike | None = None) -> bool:
+    """Whether ``name`` is an entry of the registry (rather than a path to a local file)."""
+    return str(name) in load_registry(registry)
+
+
+def resolve(name_or_path: str | os.PathLike, registry: str | os.PathLike | None = None, progress: bool = False) -> Path:
+    """A registry entry's verified local path (:func:`fetch`), or ``name_or_path`` itself as a file path.
+
+    The one place that decides what a setting such as ``md.potential`` or ``student.reference`` names;
+    a path is checked by whoever reads the file."""
+    if is_entry(name_or_path, registry):
+        return fetch(str(name_or_path), registry, progress=progress)
+    return Path(name_or_path)

@@ -83,11 +83,10 @@ wildcard_constraints:
 
 def md_model_input(wildcards):
     """The MACE model file when md.potential is a path (so new weights re-run MD); none for registry entries."""
-    import yaml
+    from octastem.registry import is_entry
 
-    registry = yaml.safe_load((Path(workflow.basedir) / "resources" / "external.yaml").read_text())
     potential = config["md"]["potential"]
-    return [] if potential in registry else local_path(potential)
+    return [] if is_entry(potential) else local_path(potential)
 
 
 def md_device():

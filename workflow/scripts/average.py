@@ -2,5 +2,8 @@ from octastem import stages
 
 with stages.logged(snakemake.log[0], snakemake):
     stages.average(
-        snakemake.input.stem, snakemake.output.stem, snakemake.output.summary, **dict(snakemake.params.items())
+        input_path=snakemake.input.stem,
+        output=snakemake.output.stem,
+        summary=snakemake.output.summary,
+        **dict(snakemake.params.items()),
     )

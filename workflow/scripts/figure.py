@@ -1,4 +1,4 @@
 from octastem import stages
 
 with stages.logged(snakemake.log[0], snakemake):
-    stages.figure(snakemake.input.image, snakemake.input.table, snakemake.output.png)
+    stages.figure(image_path=snakemake.input.image, table=snakemake.input.table, output=snakemake.output.png)

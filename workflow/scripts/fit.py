@@ -2,5 +2,8 @@ from octastem import stages
 
 with stages.logged(snakemake.log[0], snakemake):
     stages.fit(
-        snakemake.input.image, snakemake.output.table, snakemake.output.summary, **dict(snakemake.params.items())
+        image_path=snakemake.input.image,
+        table=snakemake.output.table,
+        summary=snakemake.output.summary,
+        **dict(snakemake.params.items()),
     )

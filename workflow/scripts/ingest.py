@@ -2,5 +2,8 @@ from octastem import stages
 
 with stages.logged(snakemake.log[0], snakemake):
     stages.ingest(
-        snakemake.input.raw, snakemake.output.stem, snakemake.output.summary, **dict(snakemake.params.items())
+        raw=snakemake.input.raw,
+        output=snakemake.output.stem,
+        summary=snakemake.output.summary,
+        **dict(snakemake.params.items()),
     )

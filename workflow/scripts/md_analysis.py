@@ -2,8 +2,8 @@ from octastem import stages
 
 with stages.logged(snakemake.log[0], snakemake):
     stages.md_analysis(
-        snakemake.input.trajectory,
-        snakemake.output.analysis,
-        snakemake.output.average,
+        trajectory=snakemake.input.trajectory,
+        output=snakemake.output.analysis,
+        average_structure=snakemake.output.average,
         **dict(snakemake.params.items()),
     )

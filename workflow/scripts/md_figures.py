@@ -2,8 +2,8 @@ from octastem import stages
 
 with stages.logged(snakemake.log[0], snakemake):
     stages.md_figures(
-        list(snakemake.input.analyses),
-        snakemake.params.systems,
-        list(snakemake.output.per_system),
-        snakemake.output.series,
+        analyses=list(snakemake.input.analyses),
+        systems=snakemake.params.systems,
+        outputs=list(snakemake.output.per_system),
+        series_output=snakemake.output.series,
     )

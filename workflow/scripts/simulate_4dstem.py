@@ -2,5 +2,8 @@ from octastem import stages
 
 with stages.logged(snakemake.log[0], snakemake):
     stages.simulate_4dstem(
-        snakemake.input.trajectory, snakemake.output.stem, threads=snakemake.threads, **dict(snakemake.params.items())
+        trajectory=snakemake.input.trajectory,
+        output=snakemake.output.stem,
+        threads=snakemake.threads,
+        **dict(snakemake.params.items()),
     )

@@ -2,9 +2,9 @@ from octastem import stages
 
 with stages.logged(snakemake.log[0], snakemake):
     stages.simulate_nanocrystal(
-        snakemake.input.trajectory,
-        snakemake.output.stem,
-        snakemake.output.structure,
+        trajectory=snakemake.input.trajectory,
+        output=snakemake.output.stem,
+        structure_output=snakemake.output.structure,
         threads=snakemake.threads,
         **dict(snakemake.params.items()),
     )

@@ -1,15 +1,11 @@
 from octastem import stages
-from octastem.md.student import data_stage
 
-with stages.logged(snakemake.log[0], snakemake):
-    r = dict(snakemake.params["round"])
-    r.pop("epochs", None)  # a training setting of the round
-    data_stage(
-        snakemake.output.data,
-        snakemake.output.summary,
+with stages.logged(path=snakemake.log[0], smk=snakemake):
+    stages.student_data(
+        data=snakemake.output.data,
+        summary=snakemake.output.summary,
         reference=snakemake.params.reference,
-        runs=r.pop("runs"),
+        sampling=dict(snakemake.params["round"]),
         driver=snakemake.input.driver or None,
         threads=snakemake.threads,
-        **r,
     )

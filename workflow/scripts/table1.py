@@ -2,11 +2,11 @@ from octastem import stages
 
 with stages.logged(snakemake.log[0], snakemake):
     stages.table1(
-        list(snakemake.input.fits),
-        list(snakemake.input.md),
-        snakemake.output.csv,
-        snakemake.output.md,
-        snakemake.output.html,
+        fits=list(snakemake.input.fits),
+        md_summaries=list(snakemake.input.md),
+        csv=snakemake.output.csv,
+        md_path=snakemake.output.md,
+        html_path=snakemake.output.html,
         provenance_json=snakemake.output.provenance,
         **dict(snakemake.params.items()),
     )

@@ -1,15 +1,14 @@
 from octastem import stages
-from octastem.md.student import train_stage
 
-with stages.logged(snakemake.log[0], snakemake):
-    train_stage(
-        list(snakemake.input.data),
-        snakemake.output.model,
-        snakemake.output.split,
+with stages.logged(path=snakemake.log[0], smk=snakemake):
+    stages.train_student(
+        data=list(snakemake.input.data),
+        model=snakemake.output.model,
+        split=snakemake.output.split,
         reference=snakemake.params.reference,
-        threads=snakemake.threads,
+        train=dict(snakemake.params.train),
+        **dict(snakemake.params.split),
         warm_start=snakemake.input.warm_start or None,
         epochs=snakemake.params.epochs,
-        **dict(snakemake.params.split),
-        **dict(snakemake.params.train),
+        threads=snakemake.threads,
     )

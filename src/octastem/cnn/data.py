@@ -14,7 +14,7 @@ in-plane cell (multislice, frozen phonons), stored with the ground-truth phase o
 - thickness 6-40 A, energy 80/200/300 kV, convergence semi-angle 15-30 mrad, scan step
   0.2-0.45 A, frozen-phonon frames with anisotropic random displacements;
 - dose: the patterns are stored noise free; Poisson noise at a random dose (10 e/A^2 to noise
-  free) is drawn at training time (:func:`octastem.cnn.PatchDataset`), so every epoch sees new
+  free) is drawn at training time (:class:`octastem.cnn.TrainingSet`), so every epoch sees new
   noise.
 
 Held out: formamidinium lead bromide is never generated. The hybrid perovskite prototype uses
@@ -23,9 +23,9 @@ Br, C, N and H together (:data:`HELD_OUT`), so neither FAPbBr3 nor its closest a
 is ever seen in training.
 
 Shards are HDF5 files with one group per scan (``scan_00000``, ...): dataset ``patterns``
-(scan_y, scan_x, n_k, n_k) float32 on the canonical detector grid of :mod:`octastem.cnn`
+(scan_y, scan_x, n_k, n_k) float32 on the canonical detector grid of :mod:`octastem.cnn.input`
 (fraction of the beam per bin), dataset ``phase`` (scan_y * f, scan_x * f) float32 (rad, zero
-mean, band-limited to the aperture diameter 2 alpha / lambda, f = ``cnn.UPSAMPLE``) and the
+mean, band-limited to the aperture diameter 2 alpha / lambda, f = ``UPSAMPLE``) and the
 calibration as attributes.
 """
 
@@ -40,6 +40,9 @@ import numpy as np
 from ase import Atoms
 
 from octastem.io import InputError, atomic_path, provenance
+from octastem.rng import generator
+
+from .input import UPSAMPLE, canonical_patterns, target_phase
 
 PROTOTYPES = (
     "perovskite",
@@ -385,8 +388,6 @@ def random_example(
     With ``static_rng``, a fraction ``static_fraction`` of the structures get a
     :func:`static_distortion` drawn from it (a separate stream, so the structures and optics
     drawn from ``rng`` do not depend on it)."""
-    from octastem.cnn import core as cnn
-
     atoms, info = random_structure(rng)
     energy = float(ENERGIES_EV[rng.integers(len(ENERGIES_EV))]) if rng.random() < 0.6 else 300e3
     semiangle = float(rng.uniform(15.0, 30.0))
@@ -396,11 +397,9 @@ def random_example(
         info.update(static)
     frames = frozen_phonon_frames(atoms, n_frames, rng)
     sim = simulate_scan(frames, energy, semiangle, step)
-    patterns = cnn.canonical_patterns(sim["data"], sim["k_sampling_x_mrad"], sim["k_sampling_y_mrad"], semiangle)
+    patterns = canonical_patterns(sim["data"], sim["k_sampling_x_mrad"], sim["k_sampling_y_mrad"], semiangle)
     ny, nx = sim["scan_shape"]
-    phase = cnn.target_phase(
-        sim["phase_fine"], (ny * cnn.UPSAMPLE, nx * cnn.UPSAMPLE), sim["cell_A"], energy, semiangle
-    )
+    phase = target_phase(sim["phase_fine"], (ny * UPSAMPLE, nx * UPSAMPLE), sim["cell_A"], energy, semiangle)
     info.update(
         energy_eV=energy,
         semiangle_mrad=semiangle,
@@ -416,15 +415,16 @@ def write_shard(
     path: str | os.PathLike,
     n_scans: int,
     seed: int,
-    n_frames: int = 2,
+    n_frames: int | None = None,
     progress: bool = False,
-    static_fraction: float = 0.5,
+    static_fraction: float | None = None,
 ) -> dict:
-    """Generate ``n_scans`` random training scans with ``np.random.default_rng(seed)`` into an HDF5 shard.
+    """Generate ``n_scans`` random training scans with ``generator(seed, "cnn_training_set")`` into an HDF5 shard.
 
     A fraction ``static_fraction`` of them carry a :func:`static_distortion` (drawn from
-    ``np.random.default_rng([seed, 1])``; with 0 the shard is that of the frozen-phonon-only
-    generator of the same seed).
+    ``generator(seed, "cnn_training_set", 1)``; with 0 the shard is that of the frozen-phonon-only
+    generator of the same seed). ``n_frames`` and ``static_fraction`` default to the schema's
+    ``cnn.frames`` and ``cnn.static_fraction``.
 
     Returns a summary (number of scans and positions, prototypes drawn, seconds).
     """
@@ -432,12 +432,17 @@ def write_shard(
 
     from tqdm.auto import tqdm
 
+    from octastem.config import schema_defaults
+
+    settings = schema_defaults("cnn")
+    n_frames = settings["frames"] if n_frames is None else n_frames
+    static_fraction = settings["static_fraction"] if static_fraction is None else static_fraction
     if n_scans < 1:
         raise InputError(f"cnn_data: n_scans must be >= 1, got {n_scans}")
     if not 0.0 <= static_fraction <= 1.0:
         raise InputError(f"cnn_data: static_fraction must be in [0, 1], got {static_fraction}")
-    rng = np.random.default_rng(seed)
-    static_rng = np.random.default_rng([seed, 1])
+    rng = generator(seed, "cnn_training_set")
+    static_rng = generator(seed, "cnn_training_set", 1)
     t0 = time.perf_counter()
     counts: dict[str, int] = {}
     n_positions = n_static = 0

@@ -28,8 +28,13 @@ from pathlib import Path
 import numpy as np
 from ase import Atoms
 
-from octastem.cnn import core as cnn
 from octastem.io import InputError, Stem4D, write_json, write_text
+from octastem.rng import generator
+
+from .data import simulate_scan
+from .infer import predict_phase
+from .input import UPSAMPLE, band_limit, target_phase
+from .model import DEFAULT_WEIGHTS, load_model
 
 #: optics of the evaluation: the study's 300 kV and 25 mrad; a 0.3 A scan step, between the
 #: embedded default's 0.4 A and the paper preset's 0.2 A
@@ -65,7 +70,7 @@ def held_out_frames(
     pos[on_y, 0] += br_shift_A * sign[on_y]
     pos[on_z, 0] += br_shift_A * sign[on_z]
     atoms.positions = pos
-    rng = np.random.default_rng(seed)
+    rng = generator(seed, "cnn_evaluate")
     frames = []
     for _ in range(n_frames):
         f = atoms.copy()
@@ -83,12 +88,10 @@ def _stem(sim: dict, data: np.ndarray, dose: float) -> Stem4D:
         scan_step_A=float(np.mean(sim["steps_A"])),
         k_sampling_mrad=float(0.5 * (sim["k_sampling_x_mrad"] + sim["k_sampling_y_mrad"])),
         dose_e_per_A2=dose,
-        extra={
-            "scan_step_x_A": float(sim["steps_A"][0]),
-            "scan_step_y_A": float(sim["steps_A"][1]),
-            "k_sampling_x_mrad": sim["k_sampling_x_mrad"],
-            "k_sampling_y_mrad": sim["k_sampling_y_mrad"],
-        },
+        scan_step_x_A=float(sim["steps_A"][0]),
+        scan_step_y_A=float(sim["steps_A"][1]),
+        k_sampling_x_mrad=sim["k_sampling_x_mrad"],
+        k_sampling_y_mrad=sim["k_sampling_y_mrad"],
     )
 
 
@@ -109,7 +112,7 @@ def ssim(reference: np.ndarray, image: np.ndarray) -> float:
 
 def br_ellipticity(image: np.ndarray, sampling_A: float, n_cells, cell_A, method: str = "fast") -> float:
     """Median Br ellipticity ratio fitted by :func:`octastem.fit.fit_columns` (``method``); NaN if the fit fails."""
-    from octastem.fit.core import fit_columns, summarize
+    from octastem.fit import fit_columns, summarize
 
     try:
         df = fit_columns(image, sampling_A, n_cells, cell_A, types=("Br",), seed=0, method=method)
@@ -122,8 +125,8 @@ def evaluate(
     out_dir: str | os.PathLike,
     weights: str | os.PathLike | None = None,
     doses=(48.0, 144.0, None),
-    averaged_cells: int = 64,
-    n_seeds: int = 3,
+    averaged_cells: int | None = None,
+    n_seeds: int | None = None,
     reps=(3, 3, 2),
     seed: int = 0,
     device: str = "auto",
@@ -133,17 +136,20 @@ def evaluate(
     """CNN vs iCOM on held-out FAPbBr3; writes ``metrics.json`` and ``metrics.csv`` to ``out_dir``.
 
     ``doses`` in e/A^2 per acquisition (None: noise free); ``averaged_cells``: template-matching
-    average over that many cells (1: a single acquisition); ``n_seeds`` noise draws per dose;
+    average over that many cells (1: a single acquisition); ``n_seeds`` noise draws per dose (both
+    default to the schema's ``cnn.evaluate``);
     ``fit_method``: the :func:`octastem.fit.fit_columns` method for the ellipticity (the same for
     the ground truth and both reconstructions); ``sim``: a precomputed :func:`simulate_scan` result
     of :func:`held_out_frames` (``reps``, ``seed``) at :data:`OPTICS`.
     Returns the metrics dict (per method and dose: mean and standard deviation over seeds, plus
-    the ground-truth ellipticity and whether the issue's goal is met at 48 e/A^2).
+    the ground-truth ellipticity and whether the CNN beats iCOM at 48 e/A^2).
     """
-    from octastem.cnn.data import simulate_scan
-    from octastem.stem.reconstruct import fourier_upsample, icom
-    from octastem.stem.simulate import add_poisson_noise
+    from octastem.config import schema_defaults
+    from octastem.stem import fourier_upsample, icom
 
+    settings = schema_defaults("cnn", "evaluate")
+    averaged_cells = settings["averaged_cells"] if averaged_cells is None else averaged_cells
+    n_seeds = settings["n_seeds"] if n_seeds is None else n_seeds
     t0 = time.perf_counter()
     frames = held_out_frames(reps=reps, seed=seed)
     if sim is None:
@@ -158,46 +164,80 @@ def evaluate(
         )
     t_sim = time.perf_counter() - t0
     ny, nx = sim["scan_shape"]
-    out_shape = (ny * cnn.UPSAMPLE, nx * cnn.UPSAMPLE)
+    out_shape = (ny * UPSAMPLE, nx * UPSAMPLE)
     e, a = OPTICS["energy_eV"], OPTICS["semiangle_mrad"]
-    truth = cnn.target_phase(sim["phase_fine"], out_shape, sim["cell_A"], e, a)
-    sampling = float(np.mean(sim["steps_A"])) / cnn.UPSAMPLE
+    truth = target_phase(sim["phase_fine"], out_shape, sim["cell_A"], e, a)
+    sampling = float(np.mean(sim["steps_A"])) / UPSAMPLE
     n_cells = (int(reps[0]), int(reps[1]))
-    samp_xy = (sim["steps_A"][0] / cnn.UPSAMPLE, sim["steps_A"][1] / cnn.UPSAMPLE)
+    samp_xy = (sim["steps_A"][0] / UPSAMPLE, sim["steps_A"][1] / UPSAMPLE)
     ell_truth = br_ellipticity(truth, sampling, n_cells, sim["cell_A"], fit_method)
-    model = cnn.load_model(weights, device)
+    model = load_model(weights, device)
 
     rows = []
+    for label, k, stem in _acquisitions(sim, doses, n_seeds, averaged_cells, seed):
+        img, _ = icom(stem)
+        images = {"icom": fourier_upsample(img, UPSAMPLE), "cnn": predict_phase(stem, model=model)[0]}
+        for method, img in images.items():
+            img = band_limit(img, samp_xy, e, a)
+            ell = br_ellipticity(img, sampling, n_cells, sim["cell_A"], fit_method)
+            rows.append(
+                {
+                    "method": method,
+                    "dose_e_per_A2": label,
+                    "seed": k,
+                    "pearson": pearson(truth, img),
+                    "ssim": ssim(truth, img),
+                    "br_ellipticity": ell,
+                    "br_ellipticity_bias": ell - ell_truth,
+                }
+            )
+    summary = _summarize(rows, doses)
+    result = {
+        "structure": (
+            f"FAPbBr3 {reps[0]}x{reps[1]}x{reps[2]} cells, Br shifted +-0.2 A perpendicular to the bonds, "
+            "2 frozen-phonon frames"
+        ),
+        "optics": OPTICS,
+        "averaged_cells": int(averaged_cells),
+        "fit_method": fit_method,
+        "truth_br_ellipticity": ell_truth,
+        "image_sampling_A": sampling,
+        "weights": str(weights or DEFAULT_WEIGHTS),
+        "summary": summary,
+        "per_seed": rows,
+        "goal_at_48": _goal_at_48(summary, doses),
+        "seconds_simulation": t_sim,
+        "seconds_total": time.perf_counter() - t0,
+    }
+    _write_metrics(Path(out_dir), result)
+    return result
+
+
+def _label(dose: float | None) -> str | float:
+    return "noise-free" if dose is None else float(dose)
+
+
+def _acquisitions(sim: dict, doses, n_seeds: int, averaged_cells: int, seed: int):
+    """(dose label, noise seed k, Stem4D) of every acquisition: ``n_seeds`` Poisson draws per dose
+    (at ``averaged_cells`` times the dose), one for noise free (None)."""
+    from octastem.stem import add_poisson_noise
+
     for dose in doses:
         for k in range(n_seeds if dose is not None else 1):
             if dose is None:
                 data = sim["data"]
             else:
-                rng = np.random.default_rng([seed, k, int(round(dose))])
+                rng = generator(seed, "cnn_evaluate", k, int(round(dose)))
                 data = add_poisson_noise(sim["data"], dose * averaged_cells, tuple(sim["steps_A"]), rng)
-            stem = _stem(sim, data, math.inf if dose is None else float(dose))
-            images = {}
-            img, _ = icom(stem)
-            images["icom"] = fourier_upsample(img, cnn.UPSAMPLE)
-            images["cnn"], _ = cnn.predict_phase(stem, model=model)
-            for method, img in images.items():
-                img = cnn.band_limit(img, samp_xy, e, a)
-                ell = br_ellipticity(img, sampling, n_cells, sim["cell_A"], fit_method)
-                rows.append(
-                    {
-                        "method": method,
-                        "dose_e_per_A2": "noise-free" if dose is None else float(dose),
-                        "seed": k,
-                        "pearson": pearson(truth, img),
-                        "ssim": ssim(truth, img),
-                        "br_ellipticity": ell,
-                        "br_ellipticity_bias": ell - ell_truth,
-                    }
-                )
+            yield _label(dose), k, _stem(sim, data, math.inf if dose is None else float(dose))
+
+
+def _summarize(rows: list[dict], doses) -> list[dict]:
+    """Per method and dose: mean and standard deviation of the metrics over the noise seeds."""
     summary = []
     for method in ("cnn", "icom"):
         for dose in doses:
-            label = "noise-free" if dose is None else float(dose)
+            label = _label(dose)
             sel = [r for r in rows if r["method"] == method and r["dose_e_per_A2"] == label]
             entry = {"method": method, "dose_e_per_A2": label, "n_seeds": len(sel)}
             with warnings.catch_warnings():  # all-NaN ellipticities (failed fits) give NaN, no warning
@@ -210,53 +250,48 @@ def evaluate(
                 entry["abs_br_ellipticity_bias"] = float(np.nanmean(bias))
                 entry["n_failed_fits"] = int(np.isnan(bias).sum())
             summary.append(entry)
+    return summary
+
+
+def _goal_at_48(summary: list[dict], doses) -> dict | None:
+    """Whether the CNN beats iCOM at 48 e/A^2 (Pearson, SSIM, ellipticity bias; bias <= 0.03); None without it."""
+    if 48.0 not in [d for d in doses if d is not None]:
+        return None
 
     def pick(method, dose):
         return next(s for s in summary if s["method"] == method and s["dose_e_per_A2"] == dose)
 
-    goal = None
-    if 48.0 in [d for d in doses if d is not None]:
-        c, i = pick("cnn", 48.0), pick("icom", 48.0)
-        goal = {
-            "pearson": c["pearson"] > i["pearson"],
-            "ssim": c["ssim"] > i["ssim"],
-            "ellipticity_bias": c["abs_br_ellipticity_bias"] < i["abs_br_ellipticity_bias"],
-            "ellipticity_bias_le_0.03": c["abs_br_ellipticity_bias"] <= 0.03,
-        }
-        goal["met"] = all(goal.values())
-    result = {
-        "structure": (
-            f"FAPbBr3 {reps[0]}x{reps[1]}x{reps[2]} cells, Br shifted +-0.2 A perpendicular to the bonds, "
-            "2 frozen-phonon frames"
-        ),
-        "optics": OPTICS,
-        "averaged_cells": int(averaged_cells),
-        "fit_method": fit_method,
-        "truth_br_ellipticity": ell_truth,
-        "image_sampling_A": sampling,
-        "weights": str(weights or cnn.DEFAULT_WEIGHTS),
-        "summary": summary,
-        "per_seed": rows,
-        "goal_at_48": goal,
-        "seconds_simulation": t_sim,
-        "seconds_total": time.perf_counter() - t0,
+    c, i = pick("cnn", 48.0), pick("icom", 48.0)
+    goal = {
+        "pearson": c["pearson"] > i["pearson"],
+        "ssim": c["ssim"] > i["ssim"],
+        "ellipticity_bias": c["abs_br_ellipticity_bias"] < i["abs_br_ellipticity_bias"],
+        "ellipticity_bias_le_0.03": c["abs_br_ellipticity_bias"] <= 0.03,
     }
-    out_dir = Path(out_dir)
+    goal["met"] = all(goal.values())
+    return goal
+
+
+#: columns of ``metrics.csv`` (one row per method and dose of the summary)
+METRICS_COLUMNS = (
+    "method",
+    "dose_e_per_A2",
+    "n_seeds",
+    "pearson",
+    "pearson_std",
+    "ssim",
+    "ssim_std",
+    "br_ellipticity",
+    "br_ellipticity_std",
+    "br_ellipticity_bias",
+    "abs_br_ellipticity_bias",
+    "n_failed_fits",
+)
+
+
+def _write_metrics(out_dir: Path, result: dict) -> None:
+    """``metrics.json`` (everything) and ``metrics.csv`` (the summary) in ``out_dir``."""
     write_json(out_dir / "metrics.json", result)
-    keys = [
-        "method",
-        "dose_e_per_A2",
-        "n_seeds",
-        "pearson",
-        "pearson_std",
-        "ssim",
-        "ssim_std",
-        "br_ellipticity",
-        "br_ellipticity_std",
-        "br_ellipticity_bias",
-        "abs_br_ellipticity_bias",
-        "n_failed_fits",
-    ]
-    lines = [",".join(keys)] + [",".join(str(s[k]) for k in keys) for s in summary]
+    keys = METRICS_COLUMNS
+    lines = [",".join(keys)] + [",".join(str(s[k]) for k in keys) for s in result["summary"]]
     write_text(out_dir / "metrics.csv", "\n".join(lines) + "\n")
-    return result

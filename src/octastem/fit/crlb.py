@@ -35,12 +35,15 @@ import math
 import numpy as np
 import pandas as pd
 
+from octastem.fit.model import _gauss_cov, axes_to_cov, central_differences
 from octastem.io import InputError
 
 AXES_PARAMS = ("x", "y", "height", "sigma_major", "ratio", "angle_deg")
 COV_PARAMS = ("x", "y", "height", "sigma_x", "sigma_y", "rho")
 #: A ratio this close to 1 is treated as round (the angle is then not identifiable).
 _ROUND_TOL = 1e-9
+#: Step floor of the numerical Jacobian of (sigma_major, ratio, angle) -> covariance.
+_STEP_FLOOR = 1e-2
 
 
 def _columns_table(columns) -> pd.DataFrame:
@@ -88,8 +91,6 @@ def _axes_derivatives(X, Y, x0, y0, h, major, ratio, angle):
 
 def _cov_derivatives(X, Y, x0, y0, h, major, ratio, angle):
     """Gaussian in (x0, y0, h, sigma_x, sigma_y, rho) and its derivatives."""
-    from octastem.fit.core import _gauss_cov, axes_to_cov
-
     sx, sy, rho = axes_to_cov(major, ratio, angle)
     g, d = _gauss_cov(X, Y, x0, y0, h, sx, sy, rho, jac=True)
     return g, list(d)
@@ -154,17 +155,7 @@ def fisher_information(
 def _dcov_daxes(major, ratio, angle):
     """3x3 Jacobian d(sigma_x, sigma_y, rho) / d(sigma_major, ratio, angle_rad) (central differences
     of a smooth map)."""
-    from octastem.fit.core import axes_to_cov
-
-    p0 = np.array([major, ratio, angle], dtype=float)
-    out = np.empty((3, 3))
-    for c in range(3):
-        h = 1e-6 * max(abs(p0[c]), 1e-2)
-        hi, lo = p0.copy(), p0.copy()
-        hi[c] += h
-        lo[c] -= h
-        out[:, c] = (np.array(axes_to_cov(*hi)) - np.array(axes_to_cov(*lo))) / (2 * h)
-    return out
+    return central_differences(lambda p: np.array(axes_to_cov(*p)), np.array([major, ratio, angle]), _STEP_FLOOR)
 
 
 def crlb(

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from octastem.compute import resolve_device
 from octastem.io import InputError
 
 
@@ -39,23 +40,13 @@ def _jit_load_on(device: str):
         torch.jit.load = original
 
 
-def resolve_device(device: str = "auto") -> str:
-    """``auto`` -> ``cuda`` when a GPU is visible, else ``cpu``."""
-    torch = _import_torch()
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError(f"mlp: device '{device}' requested but no CUDA device is visible")
-    return device
-
-
 def load_mace_model(path: str | os.PathLike, device: str = "auto", dtype: str = "float32"):
     """Load a pickled MACE model onto ``device`` with parameters in ``dtype``."""
     torch = _import_torch()
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: MACE model file not found")
-    device = resolve_device(device)
+    device = resolve_device(device, "mlp")
     try:
         with _jit_load_on(device):
             model = torch.load(path, map_location=device, weights_only=False)
@@ -92,7 +83,7 @@ def mace_calculator(model, device: str = "auto", dtype: str = "float32", threads
 
     if threads:
         torch.set_num_threads(int(threads))
-    device = resolve_device(device)
+    device = resolve_device(device, "mlp")
     # cuequivariance kernels accelerate the symmetric contraction on NVIDIA GPUs when installed
     enable_cueq = device.startswith("cuda") and cueq_available()
     return MACECalculator(models=model, device=device, default_dtype=dtype, enable_cueq=enable_cueq)

@@ -42,6 +42,7 @@ from ase.md.langevinbaoab import LangevinBAOAB
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
 from octastem.io import InputError, provenance
+from octastem.rng import generator
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +115,72 @@ def _write_checkpoint(f: h5py.File, atoms: Atoms, dyn: LangevinBAOAB, n_frames: 
     f.flush()
 
 
+def _resume_or_start(part: Path, atoms: Atoms, settings: dict, *, temperature_K: float, seed: int) -> dict | None:
+    """The checkpoint state in ``part`` to resume from, or None after starting afresh: velocities
+    drawn at ``temperature_K`` and a new partial file."""
+    resumed = None
+    if part.exists():
+        resumed = _read_checkpoint(part, atoms, settings)
+    if resumed is None:
+        rng = generator(seed, "md_velocities")
+        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
+        Stationary(atoms)
+        _create(part, atoms, settings)
+    return resumed
+
+
+def _restore(dyn: LangevinBAOAB, resumed: dict) -> int:
+    """Put the integrator into the state of a checkpoint (:func:`_read_checkpoint`); its frame count."""
+    dyn.p_eps = resumed["p_eps"] if resumed["p_eps"].ndim else float(resumed["p_eps"])
+    dyn.accel = resumed["accel"]
+    dyn.force_eps = resumed["force_eps"]
+    dyn.rng.bit_generator.state = resumed["rng_state"]
+    dyn.nsteps = resumed["nsteps"]
+    return resumed["n_frames"]
+
+
+def _write_frames(
+    part: Path,
+    atoms: Atoms,
+    dyn: LangevinBAOAB,
+    n_done: int,
+    n_frames_total: int,
+    *,
+    steps_per_frame: int,
+    frame_interval_fs: float,
+    checkpoint_every: int,
+    max_frames: int | None,
+    bar,
+) -> int:
+    """Run ``dyn`` frame by frame into ``part`` from frame ``n_done`` on; the number of frames done.
+
+    Frame 0 is the start itself; a checkpoint follows every ``checkpoint_every`` frames and the last
+    one. ``max_frames``: stop after that many new frames; ``bar``: a tqdm progress bar or None.
+    """
+    new = 0
+    with h5py.File(part, "a") as f:
+        _truncate(f, n_done)
+        if n_done == 0:
+            _append(f, atoms, 0.0)
+            n_done = 1
+            _write_checkpoint(f, atoms, dyn, n_done)
+            if bar:
+                bar.update(1)
+        while n_done < n_frames_total:
+            if max_frames is not None and new >= max_frames:
+                break
+            dyn.run(steps_per_frame)
+            _append(f, atoms, n_done * frame_interval_fs)
+            n_done += 1
+            new += 1
+            if n_done % checkpoint_every == 0 or n_done == n_frames_total:
+                _write_checkpoint(f, atoms, dyn, n_done)
+            if bar:
+                bar.update(1)
+                bar.set_postfix(T=f"{atoms.get_temperature():.0f}K")
+    return n_done
+
+
 @_reproducible_forces()
 def run_npt(
     atoms: Atoms,
@@ -158,14 +225,7 @@ def run_npt(
     atoms = atoms.copy()
     atoms.calc = calc
     part = partial_path(output)
-    resumed = None
-    if part.exists():
-        resumed = _read_checkpoint(part, atoms, settings)
-    if resumed is None:
-        rng = np.random.default_rng(seed)
-        MaxwellBoltzmannDistribution(atoms, temperature_K=temperature_K, rng=rng)
-        Stationary(atoms)
-        _create(part, atoms, settings)
+    resumed = _resume_or_start(part, atoms, settings, temperature_K=temperature_K, seed=seed)
     dyn = LangevinBAOAB(
         atoms,
         timestep_fs * units.fs,
@@ -174,43 +234,29 @@ def run_npt(
         hydrostatic=False,
         T_tau=T_tau_fs * units.fs,
         P_tau=P_tau_fs * units.fs,
-        rng=np.random.default_rng(seed + 1),
+        rng=generator(seed, "md_langevin"),
     )
     n_done = 0
     if resumed is not None:
-        dyn.p_eps = resumed["p_eps"] if resumed["p_eps"].ndim else float(resumed["p_eps"])
-        dyn.accel = resumed["accel"]
-        dyn.force_eps = resumed["force_eps"]
-        dyn.rng.bit_generator.state = resumed["rng_state"]
-        dyn.nsteps = resumed["nsteps"]
-        n_done = resumed["n_frames"]
+        n_done = _restore(dyn, resumed)
         log.info("%s: resuming at frame %d (t = %g fs)", part, n_done, (n_done - 1) * frame_interval_fs)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=n_frames_total, initial=n_done, desc=f"MD {output.parent.name}", unit="frame")
-    new = 0
-    with h5py.File(part, "a") as f:
-        _truncate(f, n_done)
-        if n_done == 0:
-            _append(f, atoms, 0.0)
-            n_done = 1
-            _write_checkpoint(f, atoms, dyn, n_done)
-            if bar:
-                bar.update(1)
-        while n_done < n_frames_total:
-            if max_frames is not None and new >= max_frames:
-                break
-            dyn.run(steps_per_frame)
-            _append(f, atoms, n_done * frame_interval_fs)
-            n_done += 1
-            new += 1
-            if n_done % checkpoint_every == 0 or n_done == n_frames_total:
-                _write_checkpoint(f, atoms, dyn, n_done)
-            if bar:
-                bar.update(1)
-                bar.set_postfix(T=f"{atoms.get_temperature():.0f}K")
+    n_done = _write_frames(
+        part,
+        atoms,
+        dyn,
+        n_done,
+        n_frames_total,
+        steps_per_frame=steps_per_frame,
+        frame_interval_fs=frame_interval_fs,
+        checkpoint_every=checkpoint_every,
+        max_frames=max_frames,
+        bar=bar,
+    )
     if bar:
         bar.close()
     if n_done < n_frames_total:

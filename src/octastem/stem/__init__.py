@@ -1,1 +1,73 @@
-"""stem"""
+"""4D-STEM: simulated and measured datasets, their template-matching average and phase images.
+
+- simulate: abTEM multislice 4D-STEM of MD frames (periodic cell or finite specimen) and Poisson
+  noise at a dose;
+- nanocrystal: finite FAPbBr3 nanocrystals cut from MD frames, the specimens of the synthetic
+  experiments;
+- ingest/: raw 4D-STEM files (HDF5, .npy, EMD, Merlin, EMPAD, other rosettasciio formats) -> the
+  internal HDF5 format, streamed, one reader module per format;
+- average: template-matching average of a crystalline scan onto one (super)cell;
+- reconstruct: phase images by centre of mass, integrated COM and the CNN of :mod:`octastem.cnn`.
+
+A dataset in memory is an :class:`octastem.io.Stem4D`, on disk the file of
+:func:`octastem.io.write_4dstem`. ``ingest`` and ``reconstruct`` name both a module and its
+main function; the package attribute is the function.
+"""
+
+from .average import (
+    IMAGES,
+    WEIGHTS,
+    CellAccumulator,
+    Lattice,
+    average_file,
+    average_to_cell,
+    detector_vectors,
+    find_lattice,
+    virtual_image,
+)
+from .ingest import FORMATS, ingest, open_source, resolve_calibration
+from .nanocrystal import Nanocrystal, build_nanocrystal, fa_molecules
+from .reconstruct import (
+    METHODS,
+    center_of_mass,
+    fourier_upsample,
+    icom,
+    integrate_gradient,
+    reconstruct,
+    square_grid,
+    square_pixels,
+    validate,
+)
+from .simulate import add_poisson_noise, antialias_sampling_A, electrons_per_position, simulate_4dstem
+
+__all__ = [
+    "FORMATS",
+    "IMAGES",
+    "METHODS",
+    "WEIGHTS",
+    "CellAccumulator",
+    "Lattice",
+    "Nanocrystal",
+    "add_poisson_noise",
+    "antialias_sampling_A",
+    "average_file",
+    "average_to_cell",
+    "build_nanocrystal",
+    "center_of_mass",
+    "detector_vectors",
+    "electrons_per_position",
+    "fa_molecules",
+    "find_lattice",
+    "fourier_upsample",
+    "icom",
+    "ingest",
+    "integrate_gradient",
+    "open_source",
+    "reconstruct",
+    "resolve_calibration",
+    "simulate_4dstem",
+    "square_grid",
+    "square_pixels",
+    "validate",
+    "virtual_image",
+]

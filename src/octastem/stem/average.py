@@ -31,12 +31,11 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
-import h5py
 import numpy as np
 import scipy.sparse
 from scipy import ndimage, optimize
 
-from octastem.io import STEM_ATTRS, InputError, Stem4D, _plain, provenance, write_4dstem
+from octastem.io import InputError, Stem4D, open_4dstem, provenance, write_4dstem
 
 IMAGES = ("adf", "bf", "sum", "com")
 WEIGHTS = ("nearest", "linear")
@@ -118,20 +117,15 @@ def _channels_to_image(channels: np.ndarray, image: str) -> np.ndarray:
 def virtual_image(stem: Stem4D, image: str = "adf") -> np.ndarray:
     """Virtual image (scan_y, scan_x) of an in-memory dataset; see :func:`detector_vectors`."""
     data = _validated_data(stem)
-    vec = detector_vectors(data.shape[2:], _k_sampling(stem.k_sampling_mrad, stem.extra), stem.semiangle_mrad, image)
+    vec = detector_vectors(data.shape[2:], _k_sampling(stem), stem.semiangle_mrad, image)
     flat = data.reshape(data.shape[0] * data.shape[1], -1)
     channels = (vec @ flat.T).reshape(-1, data.shape[0], data.shape[1])
     return _channels_to_image(channels, image)
 
 
-def _k_sampling(k_sampling_mrad: float, extra: dict) -> tuple[float, float]:
-    return float(extra.get("k_sampling_x_mrad", k_sampling_mrad)), float(
-        extra.get("k_sampling_y_mrad", k_sampling_mrad)
-    )
-
-
-def _scan_steps(scan_step_A: float, extra: dict) -> tuple[float, float]:
-    return float(extra.get("scan_step_x_A", scan_step_A)), float(extra.get("scan_step_y_A", scan_step_A))
+def _k_sampling(stem: Stem4D) -> tuple[float, float]:
+    """Detector sampling (k_x, k_y) in mrad."""
+    return float(stem.k_sampling_x_mrad), float(stem.k_sampling_y_mrad)
 
 
 def _validated_data(stem: Stem4D) -> np.ndarray:
@@ -378,11 +372,15 @@ class CellAccumulator:
         return mean.reshape(nr, nc, *self.pattern_shape).astype(np.float32), stats
 
 
-def _cell_metadata(
-    stem_attrs: dict, extra: dict, lattice: Lattice, acc: CellAccumulator, stats: dict, image: str
-) -> dict:
-    """Calibration of the averaged cell dataset (see module docstring)."""
-    sx, sy = _scan_steps(stem_attrs["scan_step_A"], extra)
+def _cell_dataset(
+    stem: Stem4D, lattice: Lattice, acc: CellAccumulator, image: str, source: str, input_provenance: str
+) -> Stem4D:
+    """The averaged cell of ``acc`` as a dataset with its calibration (see module docstring).
+
+    ``stem``: the scan's calibration (its data are not used).
+    """
+    mean, stats = acc.result()
+    sx, sy = float(stem.scan_step_x_A), float(stem.scan_step_y_A)
     s1, s2 = acc.supercell
     nr, nc = acc.cell_shape
     a1_A = np.array([lattice.a1[0] * sx, lattice.a1[1] * sy])
@@ -392,16 +390,11 @@ def _cell_metadata(
     theta = math.degrees(math.atan2(a1_A[1], a1_A[0]))
     gamma = math.degrees(math.acos(float(a1_A @ a2_A) / (np.hypot(*a1_A) * np.hypot(*a2_A))))
     area_out = step_x * step_y * math.sin(math.radians(gamma))
-    dose_in = float(stem_attrs["dose_e_per_A2"])
+    dose_in = float(stem.dose_e_per_A2)
     dose_out = dose_in * sx * sy / area_out if math.isfinite(dose_in) else dose_in
     n_eff = stats["n_effective"]
-    kx, ky = _k_sampling(stem_attrs["k_sampling_mrad"], extra)
-    out_extra = {
-        "scan_step_x_A": step_x,
-        "scan_step_y_A": step_y,
-        "k_sampling_x_mrad": kx,
-        "k_sampling_y_mrad": ky,
-        "scan_shape": [nr, nc],
+    kx, ky = _k_sampling(stem)
+    extra = {
         "cell_angle_deg": gamma,
         "lattice_a1_px": lattice.a1,
         "lattice_a2_px": lattice.a2,
@@ -422,17 +415,33 @@ def _cell_metadata(
         "intensity_unit": "mean counts",
     }
     if "noise_average_split_half" in stats:
-        out_extra["noise_average_split_half"] = stats["noise_average_split_half"]
-        out_extra["snr_gain_split_half"] = stats["noise_single"] / max(stats["noise_average_split_half"], 1e-300)
-    core = {
-        "energy_eV": float(stem_attrs["energy_eV"]),
-        "semiangle_mrad": float(stem_attrs["semiangle_mrad"]),
-        "scan_step_A": 0.5 * (step_x + step_y),
-        "k_sampling_mrad": float(stem_attrs["k_sampling_mrad"]),
-        "dose_e_per_A2": dose_out,
-        "scan_rotation_deg": float(stem_attrs["scan_rotation_deg"]) - theta,
-    }
-    return {"core": core, "extra": out_extra}
+        extra["noise_average_split_half"] = stats["noise_average_split_half"]
+        extra["snr_gain_split_half"] = stats["noise_single"] / max(stats["noise_average_split_half"], 1e-300)
+    return Stem4D(
+        data=mean,
+        energy_eV=float(stem.energy_eV),
+        semiangle_mrad=float(stem.semiangle_mrad),
+        scan_step_A=0.5 * (step_x + step_y),
+        k_sampling_mrad=float(stem.k_sampling_mrad),
+        dose_e_per_A2=dose_out,
+        scan_rotation_deg=float(stem.scan_rotation_deg) - theta,
+        extra=extra,
+        scan_step_x_A=step_x,
+        scan_step_y_A=step_y,
+        k_sampling_x_mrad=kx,
+        k_sampling_y_mrad=ky,
+        scan_shape=[nr, nc],
+        attr_order=("scan_step_x_A", "scan_step_y_A", "k_sampling_x_mrad", "k_sampling_y_mrad", "scan_shape"),
+        source=source,
+        provenance=provenance(
+            stage="average",
+            input_provenance=input_provenance,
+            cell_shape=list(acc.cell_shape),
+            supercell=list(acc.supercell),
+            weights=acc.weights,
+            image=image,
+        ),
+    )
 
 
 def average_to_cell(
@@ -460,22 +469,7 @@ def average_to_cell(
     rows = max(1, (16 * 2**20) // max(1, data[0].nbytes))
     for r0 in range(0, data.shape[0], rows):
         acc.add(data[r0 : r0 + rows], r0)
-    mean, stats = acc.result()
-    meta = _cell_metadata({k: getattr(stem, k) for k in STEM_ATTRS}, stem.extra, lattice, acc, stats, image)
-    return Stem4D(
-        data=mean,
-        source=stem.source,
-        provenance=provenance(
-            stage="average",
-            input_provenance=stem.provenance,
-            cell_shape=list(acc.cell_shape),
-            supercell=list(acc.supercell),
-            weights=weights,
-            image=image,
-        ),
-        extra=meta["extra"],
-        **meta["core"],
-    )
+    return _cell_dataset(stem, lattice, acc, image, stem.source, stem.provenance)
 
 
 def average_file(
@@ -498,77 +492,30 @@ def average_file(
     (super)cell that a simulated scan records (attribute ``cell_positions``), so every output
     position receives the same number of scan positions.
     """
-    from tqdm.auto import tqdm
-
     input = Path(input)
-    if not input.exists():
-        raise InputError(f"{input}: file not found")
     t0 = time.perf_counter()
-    try:
-        f = h5py.File(input, "r")
-    except OSError as e:
-        raise InputError(f"{input}: not a readable HDF5 file ({e})") from e
-    with f:
-        if "data" not in f or f["data"].ndim != 4:
-            raise InputError(f"{input}: needs dataset 'data' (scan_y, scan_x, k_y, k_x)")
-        ds = f["data"]
-        attrs = {k: _plain(v) for k, v in ds.attrs.items()}
-        missing = [k for k in STEM_ATTRS if k not in attrs]
-        if missing:
-            raise InputError(f"{input}: dataset 'data' lacks calibration attribute(s) {missing}")
-        extra = {k: v for k, v in attrs.items() if k not in STEM_ATTRS}
+    with open_4dstem(input) as (ds, attrs):
+        stem = Stem4D.from_attrs(ds, attrs)
         if cell_shape is None:
-            if "cell_positions" not in extra:
+            if "cell_positions" not in stem.extra:
                 raise InputError(
                     f"{input}: field 'cell_shape' is null but the dataset records no 'cell_positions' (scan positions "
                     "per cell of a simulated scan); give average.cell_shape"
                 )
-            cell_shape = tuple(int(n) for n in extra["cell_positions"])
+            cell_shape = tuple(int(n) for n in stem.extra["cell_positions"])
         ny, nx, nky, nkx = ds.shape
         per_row = nx * nky * nkx * 4
         rows = max(1, (chunk_positions // nx if chunk_positions else (64 * 2**20) // per_row))
         rows = min(rows, ny)
-
-        def chunks(desc):
-            for r0 in tqdm(range(0, ny, rows), desc=desc, disable=not progress, unit="chunk"):
-                chunk = ds[r0 : r0 + rows]
-                if not np.isfinite(chunk.sum(dtype=np.float64)) or chunk.min() < 0:
-                    raise InputError(
-                        f"{input}: field 'data' rows {r0}..{r0 + len(chunk) - 1}: expected finite counts >= 0"
-                    )
-                yield r0, chunk
-
         t_read = time.perf_counter()
         if lattice is None:
-            vec = detector_vectors(
-                (nky, nkx), _k_sampling(attrs["k_sampling_mrad"], extra), attrs["semiangle_mrad"], image
-            )
-            channels = np.zeros((vec.shape[0], ny, nx))
-            for r0, chunk in chunks("virtual image"):
-                flat = chunk.reshape(chunk.shape[0] * nx, -1)
-                channels[:, r0 : r0 + chunk.shape[0]] = (vec @ flat.T).reshape(vec.shape[0], chunk.shape[0], nx)
-            lattice = find_lattice(_channels_to_image(channels, image))
+            lattice = _file_lattice(input, stem, rows, image, progress)
         t_lattice = time.perf_counter()
         acc = CellAccumulator(lattice, (ny, nx), (nky, nkx), cell_shape, supercell, weights)
-        for r0, chunk in chunks("average"):
+        for r0, chunk in _file_chunks(input, ds, rows, "average", progress):
             acc.add(chunk, r0)
         t_acc = time.perf_counter()
-    mean, stats = acc.result()
-    meta = _cell_metadata(attrs, extra, lattice, acc, stats, image)
-    out = Stem4D(
-        data=mean,
-        source=str(input),
-        provenance=provenance(
-            stage="average",
-            input_provenance=attrs.get("provenance", "{}"),
-            cell_shape=list(acc.cell_shape),
-            supercell=list(acc.supercell),
-            weights=weights,
-            image=image,
-        ),
-        extra=meta["extra"],
-        **meta["core"],
-    )
+    out = _cell_dataset(stem, lattice, acc, image, str(input), attrs.get("provenance", "{}"))
     write_4dstem(output, out)
     return {
         "input": str(input),
@@ -580,11 +527,33 @@ def average_file(
         "lattice_a1_px": lattice.a1.tolist(),
         "lattice_a2_px": lattice.a2.tolist(),
         "lattice_origin_px": lattice.origin.tolist(),
-        "n_mean": meta["extra"]["n_mean"],
-        "n_min": float(stats["n_effective"].min()),
-        "snr_gain_expected": meta["extra"]["snr_gain_expected"],
-        "snr_gain_split_half": meta["extra"].get("snr_gain_split_half"),
+        "n_mean": out.extra["n_mean"],
+        "n_min": float(out.extra["n_effective"].min()),
+        "snr_gain_expected": out.extra["snr_gain_expected"],
+        "snr_gain_split_half": out.extra.get("snr_gain_split_half"),
         "seconds_virtual_image_and_lattice": t_lattice - t_read,
         "seconds_average": t_acc - t_lattice,
         "seconds": time.perf_counter() - t0,
     }
+
+
+def _file_chunks(input: Path, ds, rows: int, desc: str, progress: bool):
+    """(first row, rows) chunks of the file's scan, each checked to hold finite counts >= 0."""
+    from tqdm.auto import tqdm
+
+    for r0 in tqdm(range(0, ds.shape[0], rows), desc=desc, disable=not progress, unit="chunk"):
+        chunk = ds[r0 : r0 + rows]
+        if not np.isfinite(chunk.sum(dtype=np.float64)) or chunk.min() < 0:
+            raise InputError(f"{input}: field 'data' rows {r0}..{r0 + len(chunk) - 1}: expected finite counts >= 0")
+        yield r0, chunk
+
+
+def _file_lattice(input: Path, stem: Stem4D, rows: int, image: str, progress: bool) -> Lattice:
+    """:func:`find_lattice` of the virtual image of a file's scan (``stem.data`` an open dataset), read in chunks."""
+    ny, nx, nky, nkx = stem.data.shape
+    vec = detector_vectors((nky, nkx), _k_sampling(stem), stem.semiangle_mrad, image)
+    channels = np.zeros((vec.shape[0], ny, nx))
+    for r0, chunk in _file_chunks(input, stem.data, rows, "virtual image", progress):
+        flat = chunk.reshape(chunk.shape[0] * nx, -1)
+        channels[:, r0 : r0 + chunk.shape[0]] = (vec @ flat.T).reshape(vec.shape[0], chunk.shape[0], nx)
+    return find_lattice(_channels_to_image(channels, image))

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from ase import Atoms
 
+from octastem.config import schema_defaults
 from octastem.io import InputError
 from octastem.potential import check_nearly_orthorhombic
 
@@ -153,8 +154,8 @@ def _whole_units(atoms: Atoms, mol_ids: np.ndarray, unit: np.ndarray, n_units: i
 def build_nanocrystal(
     frames: Atoms | Sequence[Atoms],
     edge_A: float,
-    vacuum_A: float = 5.0,
-    scan_cells: float = 1.0,
+    vacuum_A: float | None = None,
+    scan_cells: float | None = None,
     min_margin_A: float = 3.0,
     fa_id: np.ndarray | None = None,
 ) -> Nanocrystal:
@@ -162,126 +163,27 @@ def build_nanocrystal(
 
     ``frames``: periodic MD frames of one trajectory (same atoms, nearly orthorhombic cells, [001]
     along z). ``vacuum_A``: empty space between the outermost atoms and the box on every side.
-    ``scan_cells``: MD in-plane cells per side of the central scan region. ``fa_id``: molecule
-    index per atom (-1 for Pb/Br), e.g. from the start structure; default: found by bonding in
-    the first frame. Raises InputError naming the field for bad settings.
+    ``scan_cells``: MD in-plane cells per side of the central scan region. Unset, these two take
+    the ``stem.nanocrystal`` defaults of the config schema. ``fa_id``: molecule index per atom
+    (-1 for Pb/Br), e.g. from the start structure; default: found by bonding in the first frame.
+    Raises InputError naming the field for bad settings.
     """
+    defaults = schema_defaults("stem", "nanocrystal")
+    vacuum_A = defaults["vacuum_A"] if vacuum_A is None else vacuum_A
+    scan_cells = defaults["scan_cells"] if scan_cells is None else scan_cells
     frames = _check_frames(frames)
-    for key, value, positive in (
-        ("edge_A", edge_A, True),
-        ("vacuum_A", vacuum_A, False),
-        ("min_margin_A", min_margin_A, False),
-    ):
-        number = isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(value)
-        if not number or value < 0 or (positive and value == 0):
-            raise InputError(
-                f"nanocrystal: field '{key}' = {value!r}; expected a finite number {'>' if positive else '>='} 0 A"
-            )
-    if not (isinstance(scan_cells, (int, float, np.floating, np.integer)) and 0 < scan_cells < math.inf):
-        raise InputError(f"nanocrystal: field 'scan_cells' = {scan_cells!r}; expected a positive number of MD cells")
-    scan_cells = float(scan_cells)
+    scan_cells = _check_settings(edge_A, vacuum_A, scan_cells, min_margin_A)
     ref = frames[0]
     symbols = np.array(ref.get_chemical_symbols())
-    n_pb = int((symbols == "Pb").sum())
-    if n_pb == 0:
-        raise InputError("nanocrystal: frame 0 has no Pb atom; expected a FAPbBr3 supercell")
-
-    # pseudo-cubic cells along each cell vector: the supercell holds one Pb per cell
-    cell0 = np.asarray(ref.cell[:], dtype=float)
-    a_pc = (abs(np.linalg.det(cell0)) / n_pb) ** (1.0 / 3.0)
-    lengths0 = np.linalg.norm(cell0, axis=1)
-    reps = np.maximum(1, np.round(lengths0 / a_pc)).astype(int)
-    if int(np.prod(reps)) != n_pb:
-        raise InputError(
-            f"nanocrystal: frame 0 cell {np.round(lengths0, 2).tolist()} A with {n_pb} Pb atoms is not a "
-            f"supercell of pseudo-cubic perovskite cells (reps {reps.tolist()} would hold {int(np.prod(reps))})"
-        )
-    if edge_A < lengths0.max() - 1e-6:
-        raise InputError(
-            f"nanocrystal: field 'edge_A' = {edge_A:g} A is smaller than one MD cell ({lengths0.max():.2f} A); "
-            "the nanocrystal must hold at least one whole periodic cell"
-        )
-
-    # units: every Pb/Br atom, every FA molecule (anchored on its C atom to make it whole)
-    if fa_id is None:
-        mol_ids = fa_molecules(ref, name="nanocrystal: frame 0")
-    else:
-        mol_ids = np.asarray(fa_id, dtype=int)
-        if mol_ids.shape != (len(ref),):
-            raise InputError(f"nanocrystal: field 'fa_id' has shape {mol_ids.shape}; expected ({len(ref)},)")
-        for m in np.unique(mol_ids[mol_ids >= 0]):
-            members = symbols[mol_ids == m]
-            if {s: int((members == s).sum()) for s in FA_FORMULA} != FA_FORMULA:
-                raise InputError(f"nanocrystal: field 'fa_id': molecule {m} is not CH5N2")
-    inorganic = np.flatnonzero(mol_ids < 0)
-    unit = np.empty(len(ref), dtype=int)
-    unit[inorganic] = np.arange(inorganic.size)
-    _, mol_unit = np.unique(mol_ids[mol_ids >= 0], return_inverse=True)
-    unit[mol_ids >= 0] = inorganic.size + mol_unit
-    n_units = int(unit.max()) + 1
-    anchor = np.arange(len(ref))
-    for m in np.unique(mol_ids[mol_ids >= 0]):
-        members = np.flatnonzero(mol_ids == m)
-        anchor[members] = members[symbols[members] == "C"][0]
-    is_molecule = np.zeros(n_units, dtype=bool)
-    is_molecule[unit[mol_ids >= 0]] = True
-
-    # scaled unit positions of every frame, unwrapped onto frame 0 (atoms keep their lattice site)
-    offsets, scaled, cells = [], [], []
-    for f in frames:
-        r, off = _whole_units(f, mol_ids, unit, n_units, anchor)
-        cell = np.asarray(f.cell[:], dtype=float)
-        s = np.linalg.solve(cell.T, r.T).T
-        if not scaled:
-            s = s - np.floor(s)
-        else:
-            s = s - np.round(s - scaled[0])
-        offsets.append(off)
-        scaled.append(s)
-        cells.append(cell)
-
-    # crystal range in unit cells: faces a quarter cell from the Pb planes, centred on the scan region
+    reps = _supercell_reps(ref, symbols, edge_A)
+    units = _units(ref, symbols, fa_id)
+    offsets, scaled, cells = _unwrapped_units(frames, units)
     u0 = scaled[0] * reps
-    pb_units = unit[symbols == "Pb"]
-    phase = np.angle(np.exp(2j * np.pi * u0[pb_units]).mean(axis=0)) / (2 * np.pi)  # Pb planes at phase + k
-    mean_cell = np.mean(cells, axis=0)
-    lattice = np.linalg.norm(mean_cell, axis=1) / reps
-    n_cells = np.maximum(1, np.round(edge_A / lattice)).astype(int)
-    span = np.array([scan_cells * reps[0], scan_cells * reps[1], 0], dtype=float)  # scan region [0, span)
-    lo = phase - 0.25 + np.round(span / 2 - n_cells / 2 - (phase - 0.25))
-    margin_cells = np.minimum(0.0 - lo, lo + n_cells - span)[:2]
-    margin_A = margin_cells * lattice[:2]
-    for axis, name in enumerate("xy"):
-        if margin_A[axis] < min_margin_A - 1e-9:
-            raise InputError(
-                f"nanocrystal: field 'edge_A' = {edge_A:g} A: a crystal of {n_cells[axis]} cells "
-                f"({n_cells[axis] * lattice[axis]:.1f} A) leaves {margin_A[axis]:.1f} A along {name} between the scan "
-                f"region ({scan_cells:g} MD cells = {span[axis] * lattice[axis]:.1f} A, field 'scan_cells') and its "
-                f"face; need >= {min_margin_A:g} A: enlarge edge_A or reduce scan_cells"
-            )
-
-    # every (unit, MD-cell translation m) whose unit-cell position lies inside [lo, lo + n)
-    ranges = [
-        np.arange(math.floor((lo[i] - reps[i]) / reps[i]), math.ceil((lo[i] + n_cells[i]) / reps[i]) + 1)
-        for i in range(3)
-    ]
-    m_grid = np.stack(np.meshgrid(*ranges, indexing="ij"), axis=-1).reshape(-1, 3)
-    u_all = u0[None, :, :] + (m_grid * reps)[:, None, :]
-    inside = np.all((u_all >= lo) & (u_all < lo + n_cells), axis=2)
-    sel_m, sel_unit = np.nonzero(inside)
-    tiles = m_grid[sel_m]
-
-    # atoms of the selected units (the members of a unit are contiguous after a stable sort)
-    order = np.argsort(unit, kind="stable")
-    counts = np.bincount(unit, minlength=n_units)
-    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
-    per = counts[sel_unit]
-    owner = np.repeat(np.arange(sel_unit.size), per)
-    within = np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)
-    atom = order[starts[sel_unit][owner] + within]
-    site = np.where(is_molecule[sel_unit][owner], "FA", symbols[atom])
-    mol_index = np.cumsum(is_molecule[sel_unit]) - 1
-    fa_out = np.where(is_molecule[sel_unit][owner], mol_index[owner], -1)
+    lo, n_cells, lattice, margin_A, mean_cell = _crystal_range(
+        u0, units.unit[symbols == "Pb"], cells, reps, edge_A, scan_cells, min_margin_A
+    )
+    sel_unit, tiles = _inside(u0, reps, lo, n_cells)
+    atom, owner, site, fa_out = _unit_atoms(units, symbols, sel_unit)
 
     positions = []
     for off, s, cell in zip(offsets, scaled, cells):
@@ -311,3 +213,162 @@ def build_nanocrystal(
         margin_A=float(margin_A.min()),
         info={"requested_edge_A": float(edge_A), "min_margin_A": float(min_margin_A)},
     )
+
+
+def _check_settings(edge_A, vacuum_A, scan_cells, min_margin_A) -> float:
+    """Check the lengths (A) and the scan region; returns ``scan_cells`` as a float."""
+    for key, value, positive in (
+        ("edge_A", edge_A, True),
+        ("vacuum_A", vacuum_A, False),
+        ("min_margin_A", min_margin_A, False),
+    ):
+        number = isinstance(value, (int, float, np.floating, np.integer)) and math.isfinite(value)
+        if not number or value < 0 or (positive and value == 0):
+            raise InputError(
+                f"nanocrystal: field '{key}' = {value!r}; expected a finite number {'>' if positive else '>='} 0 A"
+            )
+    if not (isinstance(scan_cells, (int, float, np.floating, np.integer)) and 0 < scan_cells < math.inf):
+        raise InputError(f"nanocrystal: field 'scan_cells' = {scan_cells!r}; expected a positive number of MD cells")
+    return float(scan_cells)
+
+
+def _supercell_reps(ref: Atoms, symbols: np.ndarray, edge_A: float) -> np.ndarray:
+    """Pseudo-cubic cells along each cell vector of frame 0: the supercell holds one Pb per cell."""
+    n_pb = int((symbols == "Pb").sum())
+    if n_pb == 0:
+        raise InputError("nanocrystal: frame 0 has no Pb atom; expected a FAPbBr3 supercell")
+    cell0 = np.asarray(ref.cell[:], dtype=float)
+    a_pc = (abs(np.linalg.det(cell0)) / n_pb) ** (1.0 / 3.0)
+    lengths0 = np.linalg.norm(cell0, axis=1)
+    reps = np.maximum(1, np.round(lengths0 / a_pc)).astype(int)
+    if int(np.prod(reps)) != n_pb:
+        raise InputError(
+            f"nanocrystal: frame 0 cell {np.round(lengths0, 2).tolist()} A with {n_pb} Pb atoms is not a "
+            f"supercell of pseudo-cubic perovskite cells (reps {reps.tolist()} would hold {int(np.prod(reps))})"
+        )
+    if edge_A < lengths0.max() - 1e-6:
+        raise InputError(
+            f"nanocrystal: field 'edge_A' = {edge_A:g} A is smaller than one MD cell ({lengths0.max():.2f} A); "
+            "the nanocrystal must hold at least one whole periodic cell"
+        )
+    return reps
+
+
+@dataclass
+class _Units:
+    """The units a crystal is cut in: ``unit`` index per atom (Pb and Br atoms alone, FA molecules
+    whole), the FA molecule index per atom (``mol_ids``, -1 otherwise), the atom each atom is made
+    whole around (``anchor``: the C atom of its molecule, else itself) and which units are molecules."""
+
+    mol_ids: np.ndarray
+    unit: np.ndarray
+    n_units: int
+    anchor: np.ndarray
+    is_molecule: np.ndarray
+
+
+def _units(ref: Atoms, symbols: np.ndarray, fa_id: np.ndarray | None) -> _Units:
+    """Every Pb/Br atom and every FA molecule (anchored on its C atom to make it whole) of frame 0."""
+    if fa_id is None:
+        mol_ids = fa_molecules(ref, name="nanocrystal: frame 0")
+    else:
+        mol_ids = np.asarray(fa_id, dtype=int)
+        if mol_ids.shape != (len(ref),):
+            raise InputError(f"nanocrystal: field 'fa_id' has shape {mol_ids.shape}; expected ({len(ref)},)")
+        for m in np.unique(mol_ids[mol_ids >= 0]):
+            members = symbols[mol_ids == m]
+            if {s: int((members == s).sum()) for s in FA_FORMULA} != FA_FORMULA:
+                raise InputError(f"nanocrystal: field 'fa_id': molecule {m} is not CH5N2")
+    inorganic = np.flatnonzero(mol_ids < 0)
+    unit = np.empty(len(ref), dtype=int)
+    unit[inorganic] = np.arange(inorganic.size)
+    _, mol_unit = np.unique(mol_ids[mol_ids >= 0], return_inverse=True)
+    unit[mol_ids >= 0] = inorganic.size + mol_unit
+    n_units = int(unit.max()) + 1
+    anchor = np.arange(len(ref))
+    for m in np.unique(mol_ids[mol_ids >= 0]):
+        members = np.flatnonzero(mol_ids == m)
+        anchor[members] = members[symbols[members] == "C"][0]
+    is_molecule = np.zeros(n_units, dtype=bool)
+    is_molecule[unit[mol_ids >= 0]] = True
+    return _Units(mol_ids, unit, n_units, anchor, is_molecule)
+
+
+def _unwrapped_units(frames: list[Atoms], units: _Units) -> tuple[list, list, list]:
+    """Scaled unit positions of every frame, unwrapped onto frame 0 (atoms keep their lattice site).
+
+    Returns, per frame, each atom's offset from its unit's reference point (A), the scaled unit
+    positions and the cell matrix.
+    """
+    offsets, scaled, cells = [], [], []
+    for f in frames:
+        r, off = _whole_units(f, units.mol_ids, units.unit, units.n_units, units.anchor)
+        cell = np.asarray(f.cell[:], dtype=float)
+        s = np.linalg.solve(cell.T, r.T).T
+        if not scaled:
+            s = s - np.floor(s)
+        else:
+            s = s - np.round(s - scaled[0])
+        offsets.append(off)
+        scaled.append(s)
+        cells.append(cell)
+    return offsets, scaled, cells
+
+
+def _crystal_range(u0, pb_units, cells, reps, edge_A, scan_cells, min_margin_A):
+    """Crystal range in unit cells: faces a quarter cell from the Pb planes, centred on the scan region.
+
+    ``u0``: frame 0's unit positions in pseudo-cubic cells. Returns the lower face ``lo`` and the
+    cells ``n_cells`` per axis, the mean cell spacings (A), the in-plane margins (A) between the scan
+    region and the faces, and the mean cell matrix over frames.
+    """
+    phase = np.angle(np.exp(2j * np.pi * u0[pb_units]).mean(axis=0)) / (2 * np.pi)  # Pb planes at phase + k
+    mean_cell = np.mean(cells, axis=0)
+    lattice = np.linalg.norm(mean_cell, axis=1) / reps
+    n_cells = np.maximum(1, np.round(edge_A / lattice)).astype(int)
+    span = np.array([scan_cells * reps[0], scan_cells * reps[1], 0], dtype=float)  # scan region [0, span)
+    lo = phase - 0.25 + np.round(span / 2 - n_cells / 2 - (phase - 0.25))
+    margin_cells = np.minimum(0.0 - lo, lo + n_cells - span)[:2]
+    margin_A = margin_cells * lattice[:2]
+    for axis, name in enumerate("xy"):
+        if margin_A[axis] < min_margin_A - 1e-9:
+            raise InputError(
+                f"nanocrystal: field 'edge_A' = {edge_A:g} A: a crystal of {n_cells[axis]} cells "
+                f"({n_cells[axis] * lattice[axis]:.1f} A) leaves {margin_A[axis]:.1f} A along {name} between the scan "
+                f"region ({scan_cells:g} MD cells = {span[axis] * lattice[axis]:.1f} A, field 'scan_cells') and its "
+                f"face; need >= {min_margin_A:g} A: enlarge edge_A or reduce scan_cells"
+            )
+    return lo, n_cells, lattice, margin_A, mean_cell
+
+
+def _inside(u0: np.ndarray, reps: np.ndarray, lo: np.ndarray, n_cells: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every (unit, MD-cell translation m) whose unit-cell position lies inside [lo, lo + n): units and m."""
+    ranges = [
+        np.arange(math.floor((lo[i] - reps[i]) / reps[i]), math.ceil((lo[i] + n_cells[i]) / reps[i]) + 1)
+        for i in range(3)
+    ]
+    m_grid = np.stack(np.meshgrid(*ranges, indexing="ij"), axis=-1).reshape(-1, 3)
+    u_all = u0[None, :, :] + (m_grid * reps)[:, None, :]
+    inside = np.all((u_all >= lo) & (u_all < lo + n_cells), axis=2)
+    sel_m, sel_unit = np.nonzero(inside)
+    return sel_unit, m_grid[sel_m]
+
+
+def _unit_atoms(units: _Units, symbols: np.ndarray, sel_unit: np.ndarray):
+    """Atoms of the selected units (the members of a unit are contiguous after a stable sort).
+
+    Returns the frame-0 atom index of every output atom, the selected unit it belongs to (index
+    into ``sel_unit``), its site label (Pb, Br, FA) and its FA molecule index (-1 otherwise).
+    """
+    order = np.argsort(units.unit, kind="stable")
+    counts = np.bincount(units.unit, minlength=units.n_units)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    per = counts[sel_unit]
+    owner = np.repeat(np.arange(sel_unit.size), per)
+    within = np.arange(per.sum()) - np.repeat(np.cumsum(per) - per, per)
+    atom = order[starts[sel_unit][owner] + within]
+    is_molecule = units.is_molecule[sel_unit][owner]
+    site = np.where(is_molecule, "FA", symbols[atom])
+    mol_index = np.cumsum(units.is_molecule[sel_unit]) - 1
+    fa_out = np.where(is_molecule, mol_index[owner], -1)
+    return atom, owner, site, fa_out

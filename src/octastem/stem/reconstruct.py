@@ -20,12 +20,6 @@ from octastem.io import InputError, Stem4D
 METHODS = ("icom", "cnn")
 
 
-def _axis_pair(stem: Stem4D, key_x: str, key_y: str, fallback: float) -> tuple[float, float]:
-    x = float(stem.extra.get(key_x, fallback))
-    y = float(stem.extra.get(key_y, fallback))
-    return x, y
-
-
 def validate(stem: Stem4D, name: str = "4D-STEM") -> np.ndarray:
     """Check ``stem.data`` is a finite, non-negative 4D array with at least a 2x2 scan; return it."""
     data = np.asarray(stem.data)
@@ -53,13 +47,13 @@ def center_of_mass(stem: Stem4D, origin: str = "mean") -> tuple[np.ndarray, np.n
     phase gradient is zero, so this also removes a descan or detector offset);
     ``origin="axis"`` from the pixel (n_ky // 2, n_kx // 2), the optical axis of simulated data.
     Empty patterns (no counts, possible at very low dose) get the origin (zero deflection).
-    Per-axis k-sampling is taken from ``extra`` (k_sampling_x_mrad, k_sampling_y_mrad) when present.
+    The detector sampling is ``stem.k_sampling_x_mrad`` / ``k_sampling_y_mrad`` per axis.
     """
     if origin not in ("mean", "axis"):
         raise InputError(f"center_of_mass: origin must be 'mean' or 'axis', got {origin!r}")
     data = validate(stem).astype(np.float64, copy=False)
     n_ky, n_kx = data.shape[2:]
-    dkx, dky = _axis_pair(stem, "k_sampling_x_mrad", "k_sampling_y_mrad", stem.k_sampling_mrad)
+    dkx, dky = float(stem.k_sampling_x_mrad), float(stem.k_sampling_y_mrad)
     kx = (np.arange(n_kx) - n_kx // 2) * dkx
     ky = (np.arange(n_ky) - n_ky // 2) * dky
     total = data.sum(axis=(2, 3))
@@ -101,13 +95,12 @@ def icom(stem: Stem4D, origin: str = "mean") -> tuple[np.ndarray, float]:
     The COM deflection theta (rad) is the phase gradient times lambda / (2 pi), so
     grad(phase) = 2 pi / lambda * theta; the gradient field is integrated on the periodic scan
     grid. Pixel (iy, ix) is scan position (x = ix * step_x, y = iy * step_y). The returned
-    sampling is the mean of step_x and step_y (``extra`` scan_step_x_A / scan_step_y_A when
-    present, else ``scan_step_A``).
+    sampling is the mean of step_x and step_y (``stem.scan_step_x_A`` / ``scan_step_y_A``).
     """
     from abtem.core.energy import energy2wavelength
 
     com_x, com_y = center_of_mass(stem, origin=origin)
-    step_x, step_y = _axis_pair(stem, "scan_step_x_A", "scan_step_y_A", stem.scan_step_A)
+    step_x, step_y = float(stem.scan_step_x_A), float(stem.scan_step_y_A)
     wavelength_A = energy2wavelength(float(stem.energy_eV))
     scale = 2.0 * np.pi / wavelength_A * 1e-3  # mrad -> rad/A of phase gradient
     phase = integrate_gradient(scale * com_x, scale * com_y, step_x, step_y)
@@ -189,17 +182,17 @@ def reconstruct(
     ``resources/cnn/weights.pt``, on ``device``) gives 4 pixels per scan step. The image is
     Fourier-resampled (:func:`square_pixels`) onto square pixels spanning the scanned extent,
     of ``sampling_A`` when that is finer than native, and also when the scan steps along x and y
-    differ (``extra`` scan_step_x_A / scan_step_y_A).
+    differ (``stem.scan_step_x_A`` / ``scan_step_y_A``).
     """
     if method == "icom":
         image, step = icom(stem)
     elif method == "cnn":
-        from octastem.cnn.core import predict_phase
+        from octastem.cnn import predict_phase
 
         image, step = predict_phase(stem, weights=weights, device=device)
     else:
         raise InputError(f"reconstruct: unknown method {method!r}; expected one of {list(METHODS)}")
-    step_x, step_y = _axis_pair(stem, "scan_step_x_A", "scan_step_y_A", stem.scan_step_A)
+    step_x, step_y = float(stem.scan_step_x_A), float(stem.scan_step_y_A)
     scan_y, scan_x = stem.data.shape[:2]
     pixel_x = step_x * scan_x / image.shape[1]
     pixel_y = step_y * scan_y / image.shape[0]

@@ -6,7 +6,7 @@ them. Two specimens:
 - ``specimen="periodic"``: the periodic MD cell. The probe is scanned over the whole in-plane
   cell; scan position (iy, ix) is at (x = ix * step_x, y = iy * step_y), starting at 0,
   endpoint excluded, with the step adjusted so an integer number of positions spans the cell.
-- ``specimen="finite"``: a finite specimen (a nanocrystal, :mod:`octastem.nanocrystal`) with
+- ``specimen="finite"``: a finite specimen (a nanocrystal, :mod:`octastem.stem.nanocrystal`) with
   vacuum around it in one orthorhombic box shared by all frames. The scan covers ``scan_periods``
   (nx, ny) periods of ``scan_period_A`` (the MD in-plane cell) from ``scan_start_A``: position
   (iy, ix) is at (x0 + ix * step_x, y0 + iy * step_y) with an integer number of positions per
@@ -27,12 +27,14 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from ase import Atoms
 
 from octastem.io import InputError, Stem4D, provenance
 from octastem.potential import common_frames, grid_gpts
+from octastem.rng import generator
 
 
 def _workers(num_workers: int | None) -> int:
@@ -166,14 +168,49 @@ def _finite_frames(frames: Atoms | Sequence[Atoms]) -> tuple[list[Atoms], np.nda
     return out, lengths
 
 
+@dataclass
+class _Scan:
+    """Frames of a specimen and its scan: ``lengths`` (Lx, Ly, Lz) A of the cell or box, the
+    potential grid ``gpts``, and along (x, y) the scan start and period (A), the periods scanned,
+    the positions per period and in all, and the step (A)."""
+
+    frames: list[Atoms]
+    lengths: np.ndarray
+    gpts: tuple[int, int]
+    start: tuple[float, float]
+    period: tuple[float, float]
+    periods: tuple[float, float]
+    per_period: tuple[int, int] = (1, 1)
+    n_scan: tuple[int, int] = (1, 1)
+    steps: tuple[float, float] = (0.0, 0.0)
+
+
+#: Order of the first attributes of a simulated dataset's file (an HDF5 file's bytes depend on the
+#: order); the other ``extra`` entries follow in the order they are made.
+_ATTR_ORDER = (
+    "specimen",
+    "cell_A",
+    "scan_shape",
+    "scan_step_x_A",
+    "scan_step_y_A",
+    "scan_start_x_A",
+    "scan_start_y_A",
+    "scan_periods",
+    "cell_positions",
+    "k_sampling_x_mrad",
+    "k_sampling_y_mrad",
+)
+
+
 def simulate_4dstem(
     frames: Atoms | Sequence[Atoms],
-    energy_eV: float = 300e3,
-    semiangle_mrad: float = 25.0,
-    scan_step_A: float = 0.3,
+    *,
+    energy_eV: float,
+    semiangle_mrad: float,
+    scan_step_A: float,
+    sampling_A: float | None,
+    slice_thickness_A: float,
     max_angle_mrad: float | None = None,
-    sampling_A: float | None = 0.05,
-    slice_thickness_A: float = 1.0,
     defocus_A: float = 0.0,
     dose_e_per_A2: float | None = None,
     seed: int = 0,
@@ -182,7 +219,6 @@ def simulate_4dstem(
     parametrization: str = "lobato",
     num_workers: int | None = None,
     progress: bool = False,
-    *,
     specimen: str = "periodic",
     scan_start_A: Sequence[float] | None = None,
     scan_period_A: Sequence[float] | None = None,
@@ -193,13 +229,14 @@ def simulate_4dstem(
     """Multislice 4D-STEM of ``frames`` (frozen phonons) of a periodic cell or a finite specimen.
 
     Units: energy eV, semi-angle and max angle mrad, steps/sampling/thickness/defocus A (abTEM
-    sign convention for defocus: defocus = -C10), dose e/A^2. ``max_angle_mrad``
-    (default 2 x semi-angle) crops the patterns; it must lie below the anti-aliasing limit of
-    the potential grid (2/3 of lambda / (2 sampling)); ``sampling_A=None`` takes the coarsest
-    sampling that reaches it (:func:`antialias_sampling_A`). Noise-free data
+    sign convention for defocus: defocus = -C10), dose e/A^2. The optics (energy to slice
+    thickness) have no defaults here: the pipeline's are the ``stem`` settings of the config
+    schema. ``max_angle_mrad`` (None: 2 x semi-angle) crops the patterns; it must lie below the
+    anti-aliasing limit of the potential grid (2/3 of lambda / (2 sampling)); ``sampling_A=None``
+    takes the coarsest sampling that reaches it (:func:`antialias_sampling_A`). Noise-free data
     (``dose_e_per_A2=None``) holds the fraction of the incident beam per pixel, so each pattern
     sums to the fraction reaching the detector (~1), and carries ``dose_e_per_A2 = inf``; with a
-    dose it holds Poisson counts (float32) drawn with ``np.random.default_rng(seed)``.
+    dose it holds Poisson counts (float32) drawn with ``generator(seed, "stem_noise")``.
     ``num_workers`` threads run the dask graph (default: all CPUs visible to the process).
 
     ``specimen``: "periodic" (the whole in-plane cell of the frames, mapped onto their common
@@ -209,13 +246,14 @@ def simulate_4dstem(
     only) rebins the patterns onto this angular sampling (count preserving) when it is coarser
     than the native lambda / box; ``chunk_mb`` bounds the native patterns held at once.
 
-    ``Stem4D.extra`` records: specimen, cell_A (Lx, Ly, Lz of the simulated cell or box),
-    scan_shape (ny, nx), scan_step_x_A, scan_step_y_A, scan_start_x_A, scan_start_y_A,
-    scan_periods (ny, nx), cell_positions (positions per period, (ny, nx)), k_sampling_x_mrad,
-    k_sampling_y_mrad, max_angle_mrad, n_frames, sampling_A, slice_thickness_A, defocus_A,
+    The dataset carries ``cell_A`` (Lx, Ly, Lz of the simulated cell or box), ``scan_shape``
+    (ny, nx), the steps ``scan_step_x_A`` / ``scan_step_y_A`` and the detector sampling
+    ``k_sampling_x_mrad`` / ``k_sampling_y_mrad``; the scalar scan_step_A and k_sampling_mrad are
+    the means of the x and y values (equal for a square cell). ``extra`` records: specimen,
+    scan_start_x_A, scan_start_y_A, scan_periods (ny, nx), cell_positions (positions per period,
+    (ny, nx)), max_angle_mrad, n_frames, sampling_A, slice_thickness_A, defocus_A,
     parametrization, seed, electrons_per_position (0 if noise free) and intensity_unit
-    ("fraction_of_beam" or "counts"). The scalar scan_step_A and k_sampling_mrad are the means
-    of the x and y values (equal for a square cell).
+    ("fraction_of_beam" or "counts").
     """
     from octastem.io import import_abtem
 
@@ -226,96 +264,14 @@ def simulate_4dstem(
         raise InputError(f"stem: specimen must be 'periodic' or 'finite', got {specimen!r}")
     if sampling_A is None:
         sampling_A = antialias_sampling_A(energy_eV, 2.0 * semiangle_mrad if max_angle_mrad is None else max_angle_mrad)
-    for key, value in (
-        ("energy_eV", energy_eV),
-        ("semiangle_mrad", semiangle_mrad),
-        ("scan_step_A", scan_step_A),
-        ("sampling_A", sampling_A),
-        ("slice_thickness_A", slice_thickness_A),
-    ):
-        if not (np.isfinite(value) and value > 0):
-            raise InputError(f"stem: {key} must be a positive number, got {value}")
+    _check_optics(energy_eV, semiangle_mrad, scan_step_A, sampling_A, slice_thickness_A)
     if specimen == "periodic":
-        if scan_start_A is not None or scan_period_A is not None or detector_sampling_mrad is not None:
-            raise InputError("stem: scan_start_A, scan_period_A and detector_sampling_mrad apply to finite specimens")
-        frames, lengths = common_frames(frames)
-        gpts = grid_gpts(lengths[:2], sampling_A)
-        start, period, periods = (0.0, 0.0), (float(lengths[0]), float(lengths[1])), (1, 1)
+        scan = _periodic_scan(frames, sampling_A, scan_start_A, scan_period_A, detector_sampling_mrad)
     else:
-        if scan_start_A is None or scan_period_A is None:
-            raise InputError("stem: a finite specimen needs scan_start_A and scan_period_A (the scan region)")
-        frames, lengths = _finite_frames(frames)
-        gpts = tuple(_fft_size(n) for n in grid_gpts(lengths[:2], sampling_A))
-        start = tuple(float(v) for v in scan_start_A)
-        period = tuple(float(v) for v in scan_period_A)
-        periods = tuple(float(v) for v in np.broadcast_to(np.asarray(scan_periods, dtype=float), (2,)))
-        if len(start) != 2 or len(period) != 2 or min(period) <= 0 or not 0 < min(periods) < math.inf:
-            raise InputError(
-                f"stem: scan region start {start}, period {period} A, periods {periods}: expected two positions, "
-                "two positive lengths and two positive numbers"
-            )
-        end = [s + n * p for s, n, p in zip(start, periods, period)]  # within half a step of the last position
-        if min(start) < 0 or end[0] > lengths[0] or end[1] > lengths[1]:
-            raise InputError(f"stem: scan region {start} .. {end} A lies outside the box {lengths[:2].tolist()} A")
+        scan = _finite_scan(frames, sampling_A, scan_start_A, scan_period_A, scan_periods)
     wavelength_A = energy2wavelength(energy_eV)
-    # abTEM's anti-aliasing aperture keeps 2/3 of the Nyquist frequency 1 / (2 sampling)
-    sim_sampling = np.asarray(lengths[:2]) / np.asarray(gpts)
-    limit_mrad = 1e3 * wavelength_A * (2.0 / 3.0) / (2.0 * sim_sampling.max())
-    if max_angle_mrad is None:
-        max_angle_mrad = min(2.0 * semiangle_mrad, 0.98 * limit_mrad)
-    if not 0 < max_angle_mrad <= limit_mrad:
-        raise InputError(
-            f"stem: max_angle_mrad={max_angle_mrad} must be positive and at most the anti-aliasing limit "
-            f"{limit_mrad:.1f} mrad of sampling_A={sampling_A} (use a finer sampling_A)"
-        )
-    if semiangle_mrad >= max_angle_mrad:
-        raise InputError(f"stem: semiangle_mrad={semiangle_mrad} must be below max_angle_mrad={max_angle_mrad}")
-
-    per_period = tuple(max(1, round(p / scan_step_A)) for p in period)  # (nx, ny) positions per period
-    steps = (period[0] / per_period[0], period[1] / per_period[1])
-    n_scan = tuple(max(1, round(n * p)) for n, p in zip(per_period, periods))  # (nx, ny)
-
-    probe = abtem.Probe(energy=energy_eV, semiangle_cutoff=semiangle_mrad, defocus=defocus_A)
-    detector = abtem.PixelatedDetector(max_angle=max_angle_mrad)
-    if specimen == "periodic":
-        potential = abtem.Potential(
-            frames if len(frames) > 1 else frames[0],
-            gpts=gpts,
-            slice_thickness=slice_thickness_A,
-            parametrization=parametrization,
-            projection="infinite",
-        )
-        probe.grid.match(potential)
-        scan = abtem.GridScan(start=(0.0, 0.0), end=(lengths[0], lengths[1]), gpts=n_scan, endpoint=False)
-        measurement = probe.scan(potential, scan=scan, detectors=detector)
-        measurement = measurement.compute(scheduler="threads", num_workers=_workers(num_workers), progress_bar=progress)
-        array = np.asarray(measurement.array, dtype=np.float64)
-        if array.ndim != 4:  # the frozen-phonon axis is averaged by abTEM (ensemble mean)
-            raise RuntimeError(f"stem: unexpected abTEM output shape {array.shape}")
-        # abTEM (scan_x, scan_y, k_x, k_y) -> (scan_y, scan_x, k_y, k_x); abTEM normalises the probe
-        # to unit total intensity, so a pattern sums to the fraction of the beam within max_angle
-        patterns = _symmetric_crop(array.transpose(1, 0, 3, 2))
-        k_sampling = tuple(float(s) for s in measurement.angular_sampling)  # (kx, ky) in mrad
-    else:
-        patterns, k_sampling = _scan_finite(
-            abtem,
-            frames,
-            probe,
-            detector,
-            gpts=gpts,
-            slice_thickness_A=slice_thickness_A,
-            parametrization=parametrization,
-            start=start,
-            steps=steps,
-            n_scan=n_scan,
-            wavelength_A=wavelength_A,
-            box_A=lengths,
-            max_angle_mrad=max_angle_mrad,
-            detector_sampling_mrad=detector_sampling_mrad,
-            chunk_mb=chunk_mb,
-            num_workers=_workers(num_workers),
-            progress=progress,
-        )
+    max_angle_mrad, sim_sampling = _max_angle(scan, wavelength_A, semiangle_mrad, max_angle_mrad, sampling_A)
+    _scan_grid(scan, scan_step_A)
 
     settings = {
         "energy_eV": float(energy_eV),
@@ -327,88 +283,214 @@ def simulate_4dstem(
         "defocus_A": float(defocus_A),
         "dose_e_per_A2": None if dose_e_per_A2 is None else float(dose_e_per_A2),
         "seed": int(seed),
-        "n_frames": len(frames),
+        "n_frames": len(scan.frames),
         "parametrization": parametrization,
         "specimen": specimen,
     }
     if specimen == "finite":
         settings["detector_sampling_mrad"] = detector_sampling_mrad
-    settings.update(provenance_extra or {})
 
+    probe = abtem.Probe(energy=energy_eV, semiangle_cutoff=semiangle_mrad, defocus=defocus_A)
+    detector = abtem.PixelatedDetector(max_angle=max_angle_mrad)
+    potential = {"slice_thickness_A": slice_thickness_A, "parametrization": parametrization}
+    if specimen == "periodic":
+        patterns, k_sampling = _scan_periodic(abtem, scan, probe, detector, potential, _workers(num_workers), progress)
+    else:
+        angles = {"wavelength_A": wavelength_A, "max_angle_mrad": max_angle_mrad, "sampling": detector_sampling_mrad}
+        patterns, k_sampling = _scan_finite(
+            abtem, scan, probe, detector, potential, angles, chunk_mb, _workers(num_workers), progress
+        )
+    return _dataset(scan, patterns, k_sampling, settings, float(np.mean(sim_sampling)), source, provenance_extra)
+
+
+def _dataset(
+    scan: _Scan,
+    patterns: np.ndarray,
+    k_sampling: tuple[float, float],
+    settings: dict,
+    grid_sampling_A: float,
+    source: str,
+    provenance_extra: dict | None,
+) -> Stem4D:
+    """The simulated dataset: noise-free fractions of the beam, or Poisson counts at ``settings`` dose and seed.
+
+    ``settings``: the simulation settings (see :func:`simulate_4dstem`), recorded with
+    ``provenance_extra`` in the provenance; ``grid_sampling_A``: mean sampling of the potential grid.
+    """
+    steps = scan.steps
+    dose_e_per_A2 = settings["dose_e_per_A2"]
     if dose_e_per_A2 is None:
         data = patterns.astype(np.float32)
         dose, n_e, unit = math.inf, 0.0, "fraction_of_beam"
     else:
-        data = add_poisson_noise(patterns, dose_e_per_A2, steps, np.random.default_rng(seed))
-        dose, n_e, unit = float(dose_e_per_A2), electrons_per_position(dose_e_per_A2, steps), "counts"
-
+        data = add_poisson_noise(patterns, dose_e_per_A2, steps, generator(settings["seed"], "stem_noise"))
+        dose, n_e, unit = dose_e_per_A2, electrons_per_position(dose_e_per_A2, steps), "counts"
     extra = {
-        "specimen": specimen,
-        "cell_A": [float(v) for v in lengths],
-        "scan_shape": [int(n_scan[1]), int(n_scan[0])],
-        "scan_step_x_A": float(steps[0]),
-        "scan_step_y_A": float(steps[1]),
-        "scan_start_x_A": float(start[0]),
-        "scan_start_y_A": float(start[1]),
-        "scan_periods": [float(periods[1]), float(periods[0])],
-        "cell_positions": [int(per_period[1]), int(per_period[0])],
-        "k_sampling_x_mrad": k_sampling[0],
-        "k_sampling_y_mrad": k_sampling[1],
-        "max_angle_mrad": float(max_angle_mrad),
-        "n_frames": len(frames),
-        "sampling_A": float(np.mean(sim_sampling)),
-        "slice_thickness_A": float(slice_thickness_A),
-        "defocus_A": float(defocus_A),
-        "parametrization": parametrization,
-        "seed": int(seed),
+        "specimen": settings["specimen"],
+        "scan_start_x_A": float(scan.start[0]),
+        "scan_start_y_A": float(scan.start[1]),
+        "scan_periods": [float(scan.periods[1]), float(scan.periods[0])],
+        "cell_positions": [int(scan.per_period[1]), int(scan.per_period[0])],
+        "max_angle_mrad": settings["max_angle_mrad"],
+        "n_frames": len(scan.frames),
+        "sampling_A": grid_sampling_A,
+        "slice_thickness_A": settings["slice_thickness_A"],
+        "defocus_A": settings["defocus_A"],
+        "parametrization": settings["parametrization"],
+        "seed": settings["seed"],
         "electrons_per_position": float(n_e),
         "intensity_unit": unit,
     }
     return Stem4D(
         data=data,
-        energy_eV=float(energy_eV),
-        semiangle_mrad=float(semiangle_mrad),
+        energy_eV=settings["energy_eV"],
+        semiangle_mrad=settings["semiangle_mrad"],
         scan_step_A=float(np.mean(steps)),
         k_sampling_mrad=float(np.mean(k_sampling)),
         dose_e_per_A2=dose,
         scan_rotation_deg=0.0,
         source=source,
-        provenance=provenance(**settings),
+        provenance=provenance(**{**settings, **(provenance_extra or {})}),
         extra=extra,
+        scan_step_x_A=float(steps[0]),
+        scan_step_y_A=float(steps[1]),
+        k_sampling_x_mrad=k_sampling[0],
+        k_sampling_y_mrad=k_sampling[1],
+        scan_shape=[int(scan.n_scan[1]), int(scan.n_scan[0])],
+        cell_A=[float(v) for v in scan.lengths],
+        attr_order=_ATTR_ORDER,
     )
 
 
-def _scan_finite(
-    abtem,
-    frames: list[Atoms],
-    probe,
-    detector,
-    *,
-    gpts,
-    slice_thickness_A,
-    parametrization,
-    start,
-    steps,
-    n_scan,
-    wavelength_A,
-    box_A,
-    max_angle_mrad,
-    detector_sampling_mrad,
-    chunk_mb,
-    num_workers,
-    progress,
+# ----------------------------------------------------------------------------------------------
+# Settings and scan geometry
+# ----------------------------------------------------------------------------------------------
+
+
+def _check_optics(
+    energy_eV: float, semiangle_mrad: float, scan_step_A: float, sampling_A: float, slice_thickness_A: float
+) -> None:
+    for key, value in (
+        ("energy_eV", energy_eV),
+        ("semiangle_mrad", semiangle_mrad),
+        ("scan_step_A", scan_step_A),
+        ("sampling_A", sampling_A),
+        ("slice_thickness_A", slice_thickness_A),
+    ):
+        if not (np.isfinite(value) and value > 0):
+            raise InputError(f"stem: {key} must be a positive number, got {value}")
+
+
+def _periodic_scan(frames, sampling_A: float, scan_start_A, scan_period_A, detector_sampling_mrad) -> _Scan:
+    """The whole in-plane periodic cell, scanned from its origin."""
+    if scan_start_A is not None or scan_period_A is not None or detector_sampling_mrad is not None:
+        raise InputError("stem: scan_start_A, scan_period_A and detector_sampling_mrad apply to finite specimens")
+    frames, lengths = common_frames(frames)
+    gpts = grid_gpts(lengths[:2], sampling_A)
+    return _Scan(frames, lengths, gpts, (0.0, 0.0), (float(lengths[0]), float(lengths[1])), (1, 1))
+
+
+def _finite_scan(frames, sampling_A: float, scan_start_A, scan_period_A, scan_periods) -> _Scan:
+    """A finite specimen in its box, scanned over ``scan_periods`` periods from ``scan_start_A``."""
+    if scan_start_A is None or scan_period_A is None:
+        raise InputError("stem: a finite specimen needs scan_start_A and scan_period_A (the scan region)")
+    frames, lengths = _finite_frames(frames)
+    gpts = tuple(_fft_size(n) for n in grid_gpts(lengths[:2], sampling_A))
+    start = tuple(float(v) for v in scan_start_A)
+    period = tuple(float(v) for v in scan_period_A)
+    periods = tuple(float(v) for v in np.broadcast_to(np.asarray(scan_periods, dtype=float), (2,)))
+    if len(start) != 2 or len(period) != 2 or min(period) <= 0 or not 0 < min(periods) < math.inf:
+        raise InputError(
+            f"stem: scan region start {start}, period {period} A, periods {periods}: expected two positions, "
+            "two positive lengths and two positive numbers"
+        )
+    end = [s + n * p for s, n, p in zip(start, periods, period)]  # within half a step of the last position
+    if min(start) < 0 or end[0] > lengths[0] or end[1] > lengths[1]:
+        raise InputError(f"stem: scan region {start} .. {end} A lies outside the box {lengths[:2].tolist()} A")
+    return _Scan(frames, lengths, gpts, start, period, periods)
+
+
+def _max_angle(
+    scan: _Scan, wavelength_A: float, semiangle_mrad: float, max_angle_mrad: float | None, sampling_A: float
+) -> tuple[float, np.ndarray]:
+    """The detector's outer angle (mrad), checked against the grid's anti-aliasing limit, and the grid sampling (A)."""
+    # abTEM's anti-aliasing aperture keeps 2/3 of the Nyquist frequency 1 / (2 sampling)
+    sim_sampling = np.asarray(scan.lengths[:2]) / np.asarray(scan.gpts)
+    limit_mrad = 1e3 * wavelength_A * (2.0 / 3.0) / (2.0 * sim_sampling.max())
+    if max_angle_mrad is None:
+        max_angle_mrad = min(2.0 * semiangle_mrad, 0.98 * limit_mrad)
+    if not 0 < max_angle_mrad <= limit_mrad:
+        raise InputError(
+            f"stem: max_angle_mrad={max_angle_mrad} must be positive and at most the anti-aliasing limit "
+            f"{limit_mrad:.1f} mrad of sampling_A={sampling_A} (use a finer sampling_A)"
+        )
+    if semiangle_mrad >= max_angle_mrad:
+        raise InputError(f"stem: semiangle_mrad={semiangle_mrad} must be below max_angle_mrad={max_angle_mrad}")
+    return max_angle_mrad, sim_sampling
+
+
+def _scan_grid(scan: _Scan, scan_step_A: float) -> None:
+    """Positions per period (an integer number spans each period), steps and positions in all, (x, y)."""
+    scan.per_period = tuple(max(1, round(p / scan_step_A)) for p in scan.period)
+    scan.steps = (scan.period[0] / scan.per_period[0], scan.period[1] / scan.per_period[1])
+    scan.n_scan = tuple(max(1, round(n * p)) for n, p in zip(scan.per_period, scan.periods))
+
+
+# ----------------------------------------------------------------------------------------------
+# Multislice scans
+# ----------------------------------------------------------------------------------------------
+
+
+def _scan_periodic(
+    abtem, scan: _Scan, probe, detector, potential: dict, num_workers: int, progress: bool
 ) -> tuple[np.ndarray, tuple[float, float]]:
-    """Frame-averaged (scan_y, scan_x, k_y, k_x) patterns of a finite specimen, scanned in row chunks."""
+    """Frame-averaged (scan_y, scan_x, k_y, k_x) patterns over the whole periodic cell, and (k_x, k_y) mrad.
+
+    ``potential``: slice_thickness_A and parametrization of the potential.
+    """
+    frames, lengths = scan.frames, scan.lengths
+    cell_potential = abtem.Potential(
+        frames if len(frames) > 1 else frames[0],
+        gpts=scan.gpts,
+        slice_thickness=potential["slice_thickness_A"],
+        parametrization=potential["parametrization"],
+        projection="infinite",
+    )
+    probe.grid.match(cell_potential)
+    grid = abtem.GridScan(start=(0.0, 0.0), end=(lengths[0], lengths[1]), gpts=scan.n_scan, endpoint=False)
+    measurement = probe.scan(cell_potential, scan=grid, detectors=detector)
+    measurement = measurement.compute(scheduler="threads", num_workers=num_workers, progress_bar=progress)
+    array = np.asarray(measurement.array, dtype=np.float64)
+    if array.ndim != 4:  # the frozen-phonon axis is averaged by abTEM (ensemble mean)
+        raise RuntimeError(f"stem: unexpected abTEM output shape {array.shape}")
+    # abTEM (scan_x, scan_y, k_x, k_y) -> (scan_y, scan_x, k_y, k_x); abTEM normalises the probe
+    # to unit total intensity, so a pattern sums to the fraction of the beam within max_angle
+    patterns = _symmetric_crop(array.transpose(1, 0, 3, 2))
+    return patterns, tuple(float(s) for s in measurement.angular_sampling)  # (kx, ky) in mrad
+
+
+def _scan_finite(
+    abtem, scan: _Scan, probe, detector, potential: dict, angles: dict, chunk_mb: float, num_workers: int, progress
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Frame-averaged (scan_y, scan_x, k_y, k_x) patterns of a finite specimen, scanned in row chunks.
+
+    ``potential``: slice_thickness_A and parametrization of the potential; ``angles``:
+    wavelength_A, max_angle_mrad and the detector ``sampling`` (mrad or None). Returns the
+    patterns rebinned onto the detector sampling and that sampling (k_x, k_y) in mrad.
+    """
     from tqdm.auto import tqdm
 
-    native = [1e3 * wavelength_A / float(box_A[i]) for i in range(2)]  # (kx, ky) mrad per pixel
+    frames, start, steps = scan.frames, scan.start, scan.steps
+    wavelength_A, max_angle_mrad = angles["wavelength_A"], angles["max_angle_mrad"]
+    detector_sampling_mrad = angles["sampling"]
+    native = [1e3 * wavelength_A / float(scan.lengths[i]) for i in range(2)]  # (kx, ky) mrad per pixel
     if detector_sampling_mrad is not None:
         if not (np.isfinite(detector_sampling_mrad) and detector_sampling_mrad > 0):
             raise InputError(f"stem: detector_sampling_mrad must be a positive number, got {detector_sampling_mrad}")
         k_out = tuple(max(float(detector_sampling_mrad), dk) for dk in native)
     else:
         k_out = tuple(native)
-    nx, ny = n_scan
+    nx, ny = scan.n_scan
     n_k_native = [2 * int(max_angle_mrad / dk) + 2 for dk in native]
     rows = max(1, int(chunk_mb * 2**20 // (4 * nx * n_k_native[0] * n_k_native[1])))
     chunks = [(r0, min(ny, r0 + rows)) for r0 in range(0, ny, rows)]
@@ -417,18 +499,22 @@ def _scan_finite(
     rebin = None
     bar = tqdm(total=len(frames) * len(chunks), desc="nanocrystal 4D-STEM", unit="chunk", disable=not progress)
     for frame in frames:
-        potential = abtem.Potential(
-            frame, gpts=gpts, slice_thickness=slice_thickness_A, parametrization=parametrization, projection="infinite"
+        frame_potential = abtem.Potential(
+            frame,
+            gpts=scan.gpts,
+            slice_thickness=potential["slice_thickness_A"],
+            parametrization=potential["parametrization"],
+            projection="infinite",
         ).build(lazy=False)
-        probe.grid.match(potential)
+        probe.grid.match(frame_potential)
         for r0, r1 in chunks:
-            scan = abtem.GridScan(
+            grid = abtem.GridScan(
                 start=(start[0], start[1] + r0 * steps[1]),
                 end=(start[0] + nx * steps[0], start[1] + r1 * steps[1]),
                 gpts=(nx, r1 - r0),
                 endpoint=False,
             )
-            measurement = probe.scan(potential, scan=scan, detectors=detector)
+            measurement = probe.scan(frame_potential, scan=grid, detectors=detector)
             measurement = measurement.compute(scheduler="threads", num_workers=num_workers, progress_bar=False)
             array = np.asarray(measurement.array, dtype=np.float64)
             if array.ndim != 4 or array.shape[:2] != (nx, r1 - r0):

@@ -1,0 +1,156 @@
+"""The fit of an image file: image in, per-column table (CSV), summary (JSON) and figure out.
+
+All outputs are written atomically. The summary holds, per column type, the measured median
+ellipticity with its standard errors beside the round-column baseline (the noise bias, see
+:func:`octastem.fit.round_baseline`), the lattice found and the provenance of the run.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+from octastem.config import schema_defaults
+from octastem.fit.columns import fit_columns
+from octastem.fit.model import WINDOW_MAX_PIXELS
+from octastem.fit.plot import plot_model
+from octastem.fit.summary import summarize
+from octastem.fit.synthetic import round_baseline
+from octastem.io import InputError, atomic_path, provenance, read_image, write_json
+from octastem.rng import STREAMS
+
+log = logging.getLogger("octastem")
+
+
+def _lattice_of(image_path, attrs, n_cells, cell_A):
+    """``n_cells`` and ``cell_A`` as given, else from the image attributes of the same names."""
+    if n_cells is None:
+        n_cells = attrs.get("n_cells")
+    if cell_A is None:
+        cell_A = attrs.get("cell_A")
+    if n_cells is None or cell_A is None:
+        raise InputError(
+            f"{image_path}: lattice unknown: pass n_cells and cell_A or store them as attributes "
+            f"'n_cells' and 'cell_A' of dataset 'image'"
+        )
+    return n_cells, cell_A
+
+
+def _baseline(image_path, image, attrs, df, n_cells, cell_A, **settings):
+    """The round-column baseline (:func:`round_baseline`) and, when it cannot be measured, why.
+
+    A secondary estimate: when the round columns cannot be fitted at this noise level the
+    measured values stand without it (NaN baseline, reason in the summary)."""
+    try:
+        return round_baseline(image, attrs["sampling_A"], df, n_cells, cell_A, **settings), None
+    except InputError as e:
+        log.warning("%s: no round-column baseline: %s", image_path, e)
+        return {}, str(e)
+
+
+def _summary(image_path, attrs, df, types, per_type, base, baseline_error) -> dict:
+    """The JSON summary (less its provenance): image, lattice found, fit settings, per-type results
+    and the baseline's noise model (or why there is none; None without a baseline)."""
+    return {
+        "source": str(image_path),
+        "kind": attrs.get("kind"),
+        "sampling_A": float(attrs["sampling_A"]),
+        "n_cells": list(df.attrs["n_cells"]),
+        "cell_A": list(df.attrs["cell_A"]),
+        "lattice_A": list(df.attrs["lattice_A"]),
+        "origin_A": list(df.attrs["origin_A"]),
+        "window_A": df.attrs["window_A"],
+        "noise_sigma": df.attrs["noise_sigma"],
+        "types": list(types) if not isinstance(types, str) else [types],
+        "fit_seconds": df.attrs["fit_seconds"],
+        "method": df.attrs["method"],
+        "summary": per_type,
+        "baseline": None
+        if base is None
+        else {"error": baseline_error}
+        if baseline_error
+        else {k: base[k] for k in ("noise", "noise_sigma", "seed")},
+    }
+
+
+def fit_image_file(
+    image_path,
+    out_csv,
+    out_json,
+    n_cells=None,
+    cell_A=None,
+    types=None,
+    window_A=None,
+    se_method=None,
+    n_boot=2000,
+    seed=0,
+    plot_path=None,
+    progress=False,
+    max_pixels=WINDOW_MAX_PIXELS,
+    neighbours="elliptical",
+    method="window",
+    baseline=True,
+    noise="gaussian",
+) -> dict:
+    """Fit the image file ``image_path`` (see :func:`octastem.io.read_image`) and write the per-column
+    table ``out_csv`` and the JSON summary ``out_json`` (and the figure ``plot_path`` if given),
+    all atomically. ``n_cells``/``cell_A`` default to the image attributes of the same names;
+    ``types`` and ``se_method`` to the schema's ``fit`` settings; ``method`` as in
+    :func:`fit_columns`.
+
+    With ``baseline`` the noise bias of the ellipticity is measured by :func:`round_baseline`
+    (same structure with round columns, same noise level (``noise``), same fit settings, its
+    random numbers from the ``fit_baseline`` stream of ``seed``) and written beside the measured
+    value of each type as ``baseline_median_ellipticity`` and ``baseline_se`` (its noise model
+    under the top-level key ``baseline``).
+    Returns the summary dict written to JSON."""
+    if types is None:
+        types = tuple(schema_defaults("fit", "types"))
+    if se_method is None:
+        se_method = schema_defaults("fit", "se_method")
+    image_path = Path(image_path)
+    image, attrs = read_image(image_path)
+    n_cells, cell_A = _lattice_of(image_path, attrs, n_cells, cell_A)
+    fit_settings = dict(types=types, window_A=window_A, max_pixels=max_pixels, neighbours=neighbours, method=method)
+    try:
+        df = fit_columns(image, attrs["sampling_A"], n_cells, cell_A, seed=seed, progress=progress, **fit_settings)
+    except InputError as e:
+        raise InputError(f"{image_path}: {e}") from e
+    base, baseline_error = None, None
+    if baseline:
+        base, baseline_error = _baseline(
+            image_path,
+            image,
+            attrs,
+            df,
+            n_cells,
+            cell_A,
+            noise=noise,
+            se_method=se_method,
+            n_boot=n_boot,
+            seed=seed + STREAMS["fit_baseline"],
+            **fit_settings,
+        )
+    per_type = summarize(df, se_method=se_method, n_boot=n_boot, seed=seed)
+    if base is not None:
+        for typ, entry in per_type.items():
+            b = base.get(typ, {})
+            entry["baseline_median_ellipticity"] = b.get("median_ellipticity", math.nan)
+            entry["baseline_se"] = b.get("se", math.nan)
+    summary = _summary(image_path, attrs, df, types, per_type, base, baseline_error)
+    summary["provenance"] = provenance(
+        seed=seed,
+        se_method=se_method,
+        max_pixels=max_pixels,
+        neighbours=neighbours,
+        method=method,
+        baseline=bool(baseline),
+        noise=noise,
+    )
+    with atomic_path(out_csv) as tmp:
+        df.to_csv(tmp, index=False, float_format="%.6g")
+    write_json(out_json, summary)
+    if plot_path is not None:
+        plot_model(image, attrs["sampling_A"], df, plot_path)
+    return summary
