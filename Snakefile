@@ -35,5 +35,5 @@ rule all:
         "results/report/table1.md",
         "results/report/table1.html",
         "results/report/figures/table1.png",
-        "results/report/figures/angle_vs_vacancies.png",
+        md_report_figures(),
         expand("results/report/figures/{name}.png", name=fit_names()),

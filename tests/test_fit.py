@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from octastem.fit import (
+    SITES,
     axes_to_cov,
     column_grid,
     cov_to_axes,
@@ -382,3 +383,69 @@ def test_failed_baseline_leaves_the_measurement(tmp_path, monkeypatch):
     assert np.isnan(br["baseline_median_ellipticity"]) and np.isnan(br["baseline_se"])
     assert "columns not found" in saved["baseline"]["error"]
     assert len(pd.read_csv(out_csv)) == 8
+
+
+# ----------------------------------------------------------------------------------------------
+# Any contrast order of the columns
+# ----------------------------------------------------------------------------------------------
+
+#: Column heights of perovskites whose columns come in different contrast orders.
+CONTRASTS = {
+    "PbBr brightest": {"PbBr": 3.0, "Br": 1.0, "FA": 0.3},
+    "A site brightest": {"PbBr": 1.14, "Br": 0.6, "FA": 1.22},
+    "Br brightest": {"PbBr": 0.8, "Br": 2.0, "FA": 0.4},
+}
+#: Known widths: sigma_major of every type, the Br columns elliptical (ratio BR_RATIO).
+WIDTHS = {"PbBr": 0.42, "Br": 0.5, "FA": 0.55}
+BR_RATIO = 1.3
+
+
+def contrast_image(heights, n=(3, 3), offset=(0.3, -0.2), noise=0.01, s=0.1, seed=2):
+    """Periodic image (model_image) of columns of the given heights per type, the Br columns
+    elongated perpendicular to their Pb-Br-Pb bond, all displaced at random by up to 0.1 A."""
+    rng = np.random.default_rng(seed)
+    cell = (n[0] * A, n[1] * A)
+    truth = column_grid(n, cell, offset)
+    truth["x"] = (truth["x"] + rng.uniform(-0.1, 0.1, len(truth))) % cell[0]
+    truth["y"] = (truth["y"] + rng.uniform(-0.1, 0.1, len(truth))) % cell[1]
+    br = truth["type"] == "Br"
+    truth["height"] = truth["type"].map(heights)
+    truth["sigma_major"] = truth["type"].map(WIDTHS)
+    truth["ratio"] = np.where(br, BR_RATIO, 1.0)
+    truth["angle_deg"] = np.where(truth["site"] == "Br_x", 90.0, 0.0)
+    shape = (round(cell[1] / s), round(cell[0] / s))
+    img = model_image(shape, s, truth, 0.1) + rng.normal(0.0, noise, shape)
+    return img, s, n, cell, truth
+
+
+@pytest.mark.parametrize("order", list(CONTRASTS))
+@pytest.mark.parametrize("method", ["window", "fast"])
+def test_any_contrast_order_finds_the_br_sites(order, method):
+    img, s, n, cell, truth = contrast_image(CONTRASTS[order])
+    df = fit_columns(img, s, n, cell, types=("Br", "PbBr", "FA"), method=method)
+    assert df.attrs["origin_A"] == pytest.approx((0.3, -0.2), abs=0.05)
+    # the fitted Br columns are the Br sites of the image
+    dpos, _ = compare(df, truth, cell)
+    assert dpos.max() < 0.03
+    br = df[df["type"] == "Br"]
+    assert len(br) == 18 and br["success"].all()
+    assert br["ellipticity"].median() == pytest.approx(BR_RATIO, abs=0.03)
+    assert br["sigma_major"].median() == pytest.approx(WIDTHS["Br"], abs=0.02)
+    assert br["angle_to_bond_deg"].min() > 80.0  # elongated across the bond of its own site
+    for typ in ("PbBr", "FA"):
+        other = df[df["type"] == typ]
+        assert other["sigma_major"].median() == pytest.approx(WIDTHS[typ], abs=0.02), typ
+        assert other["ellipticity"].median() == pytest.approx(1.0, abs=0.03), typ
+    # the lattice search records the contrast order it found
+    heights = dict(zip((site for site, *_ in SITES), df.attrs["site_heights"]))
+    type_of = {site: typ for site, typ, *_ in SITES}
+    assert type_of[max(heights, key=heights.get)] == max(CONTRASTS[order], key=CONTRASTS[order].get)
+
+
+@pytest.mark.parametrize("order", list(CONTRASTS))
+def test_pbbr_half_a_cell_from_the_origin_is_refused(order):
+    """Shifted by half a cell along x, the image's columns at the sites of the model's Br pair
+    differ in height: whatever the contrast order that is an error, never a fit."""
+    img, s, n, cell, _ = contrast_image(CONTRASTS[order], offset=(A / 2 + 0.3, -0.2))
+    with pytest.raises(InputError, match="quarter cell"):
+        fit_columns(img, s, n, cell, types=("Br",))

@@ -129,8 +129,13 @@ def test_emdfile_round_trip(tmp_path):
     assert electron_wavelength_A(300e3) == pytest.approx(0.019687, rel=1e-4)
 
 
-def write_mib(path: Path, frames: np.ndarray, scan_shape, exposure_ns=1_000_000):
-    """A Merlin .mib (single chip, 12-bit U16, 384-byte headers) and its .hdr, per the Merlin manual."""
+def write_mib(
+    path: Path, frames: np.ndarray, scan_shape, exposure_ns=1_000_000, data_type="U16", planned=None, per_trigger=None
+):
+    """A Merlin .mib (single chip, 12-bit U16, 384-byte headers) and its .hdr, per the Merlin manual.
+
+    The timestamps jump by a second at each scan row; the .hdr records ``planned`` frames (default:
+    all) and ``per_trigger`` frames per trigger (default: one scan row)."""
     n, h, w = frames.shape
     with open(path, "wb") as f:
         for i in range(n):
@@ -142,7 +147,7 @@ def write_mib(path: Path, frames: np.ndarray, scan_shape, exposure_ns=1_000_000)
                 "01",
                 f"{w:04d}",
                 f"{h:04d}",
-                "U16",
+                data_type,
                 "   1x1",
                 "01",
                 t,
@@ -153,7 +158,11 @@ def write_mib(path: Path, frames: np.ndarray, scan_shape, exposure_ns=1_000_000)
             header = ",".join(fields).encode()
             f.write(header + b"\x00" * (384 - len(header)))
             f.write(frames[i].astype(">u2").tobytes())
-    hdr = f"HDR,\t\nFrames in Acquisition (Number):\t{n}\nFrames per Trigger (Number):\t{scan_shape[1]}\nEnd\t"
+    per_trigger = scan_shape[1] if per_trigger is None else per_trigger
+    hdr = (
+        f"HDR,\t\nFrames in Acquisition (Number):\t{n if planned is None else planned}\n"
+        f"Frames per Trigger (Number):\t{per_trigger}\nEnd\t"
+    )
     path.with_suffix(".hdr").write_text(hdr)
 
 
@@ -285,3 +294,232 @@ def test_missing_file_and_bad_format(tmp_path):
         ingest(tmp_path / "nope.npy", tmp_path / "out.h5", calibration=CAL, progress=False)
     np.save(tmp_path / "raw.npy", counts())
     assert_fails(tmp_path, tmp_path / "raw.npy", "'fmt'", fmt="tiff-stack")
+
+
+def test_directory_is_refused(tmp_path):
+    folder = tmp_path / "scan_001"
+    folder.mkdir()
+    (folder / "scan_001.mib").write_bytes(b"")
+    assert_fails(tmp_path, folder, r"is a directory; expected the data file itself.*scan_001\.mib")
+
+
+def test_wrong_dataset_lists_the_datasets(tmp_path):
+    src = tmp_path / "raw.h5"
+    with h5py.File(src, "w") as f:
+        f.create_dataset("entry/frames", data=counts(shape=(2, 3, 8, 8)))
+        f.create_dataset("entry/stack", data=counts(shape=(2, 3, 8, 8)).reshape(6, 8, 8))
+        f.create_dataset("entry/dark", data=np.zeros((8, 8)))
+    match = r"'dataset' = 'entry/frame' is not a dataset.*entry/frames \(2, 3, 8, 8\) uint16; entry/stack \(6, 8, 8\)"
+    assert_fails(tmp_path, src, match + ".*other datasets: entry/dark", dataset="entry/frame")
+    # two frame stacks and no `dataset`: both listed
+    with h5py.File(src, "a") as f:
+        del f["entry/frames"]
+        f.create_dataset("entry/stack_b", data=counts(shape=(2, 3, 8, 8)).reshape(6, 8, 8))
+    match = r"'dataset' .* must be configured: it holds 2 candidate.*entry/stack \(6, 8, 8\) uint16; entry/stack_b"
+    assert_fails(tmp_path, src, match)
+
+
+def test_lone_frame_stack_needs_its_scan_shape(tmp_path):
+    src = tmp_path / "stack.h5"
+    data = counts(shape=(3, 3, 8, 8))
+    with h5py.File(src, "w") as f:
+        f.create_dataset("entry/frames", data=data.reshape(9, 8, 8))
+    assert_fails(tmp_path, src, r"stack of 9 frames: set calibration field 'scan_shape'")
+    assert_fails(tmp_path, src, r"'scan_shape' = \(2, 4\) needs 2 x 4 = 8 frames, the file holds 9", **_shape(2, 4))
+    ingest(src, tmp_path / "ok.h5", calibration={**CAL, "scan_shape": [3, 3]}, progress=False)
+    np.testing.assert_array_equal(read_4dstem(tmp_path / "ok.h5").data, data)
+
+
+def test_scan_shape_must_match_a_4d_scan(tmp_path):
+    src = tmp_path / "raw.npy"
+    np.save(src, counts(shape=(6, 5, 8, 7)))
+    assert_fails(
+        tmp_path, src, r"'scan_shape' = \(5, 6\) contradicts the scan of the 4D data, \(6, 5\)", **_shape(5, 6)
+    )
+
+
+def _shape(ny, nx):
+    return {"calibration": {**CAL, "scan_shape": [ny, nx]}}
+
+
+# ---------------------------------------------------------------------------------------------- Merlin
+
+
+@pytest.fixture
+def nine_frames(tmp_path):
+    """A Merlin acquisition of 9 frames: a 3 x 3 scan (3 frames per trigger) and its frames."""
+    pytest.importorskip("rsciio")
+    data = counts(shape=(3, 3, 8, 8))
+    src = tmp_path / "nine.mib"
+    write_mib(src, data.reshape(9, 8, 8), scan_shape=(3, 3))
+    return src, data
+
+
+@pytest.mark.parametrize("scan_shape, needs", [((2, 4), 8), ((2, 2), 4), ((4, 4), 16)])
+def test_mib_frame_count_must_match_scan_shape(tmp_path, nine_frames, scan_shape, needs):
+    src, _ = nine_frames
+    match = rf"nine\.mib: field 'scan_shape' = \({scan_shape[0]}, {scan_shape[1]}\) needs .* = {needs} frames, "
+    assert_fails(tmp_path, src, match + "the file holds 9", **_shape(*scan_shape))
+
+
+def test_mib_scan_rows_from_the_hdr(tmp_path, nine_frames):
+    from rsciio.quantumdetector import file_reader
+
+    src, data = nine_frames
+    out = tmp_path / "nine.h5"
+    summary = ingest(src, out, calibration={**CAL, "scan_shape": [3, 3]}, progress=False)
+    expected = np.asarray(file_reader(str(src), navigation_shape=(3, 3))[0]["data"])
+    np.testing.assert_array_equal(read_4dstem(out).data, expected)
+    np.testing.assert_array_equal(expected, data[:, :, ::-1, :])  # rows, columns; readout flipped vertically
+    assert summary["shape"] == [3, 3, 8, 8]
+    # the .hdr records 3 frames per trigger (one scan row): a 9 x 1 scan contradicts it
+    assert_fails(tmp_path, src, r"contradicts the file: according to the \.hdr .* a scan of \(3, 3\)", **_shape(9, 1))
+
+
+def test_mib_single_frame(tmp_path):
+    pytest.importorskip("rsciio")
+    src = tmp_path / "frame.mib"
+    write_mib(src, counts(shape=(1, 1, 8, 8)).reshape(1, 8, 8), scan_shape=(1, 1))
+    assert_fails(tmp_path, src, r"a single Merlin frame \(8 x 8 pixels, U16\), not a 4D scan")
+    src.with_suffix(".hdr").unlink()
+    assert_fails(tmp_path, src, "a single Merlin frame")
+
+
+def test_mib_raw_counter_data(tmp_path):
+    pytest.importorskip("rsciio")
+    src = tmp_path / "raw.mib"
+    write_mib(src, counts(shape=(2, 2, 8, 8)).reshape(4, 8, 8), scan_shape=(2, 2), data_type="R64")
+    assert_fails(tmp_path, src, "a Merlin RAW acquisition .*R64.*rosettasciio does not decode RAW", **_shape(2, 2))
+
+
+def test_mib_truncated_and_interrupted(tmp_path):
+    pytest.importorskip("rsciio")
+    frames = counts(shape=(3, 3, 8, 8)).reshape(9, 8, 8)
+    src = tmp_path / "cut.mib"
+    write_mib(src, frames, scan_shape=(3, 3))
+    with open(src, "r+b") as fh:
+        fh.truncate(src.stat().st_size - 100)
+    assert_fails(tmp_path, src, r"ends inside frame 9 \(412 of its 512 bytes\): truncated")
+    # 9 frames of a planned 4 x 4 scan: refused without a scan shape, not cut to whole rows
+    src = tmp_path / "stopped.mib"
+    write_mib(src, frames, scan_shape=(3, 4), planned=16)
+    assert_fails(tmp_path, src, r"the \.hdr records 16 frames in the acquisition, the file holds 9")
+    assert_fails(tmp_path, src, r"scan rows are 4 frames long, and 9 frames are not whole rows", **_shape(3, 3))
+
+
+def test_mib_without_recorded_rows_needs_scan_shape(tmp_path):
+    pytest.importorskip("rsciio")
+    frames = counts(shape=(2, 3, 8, 8)).reshape(6, 8, 8)
+    src = tmp_path / "flat.mib"
+    write_mib(src, frames, scan_shape=(1, 6), per_trigger=1)  # evenly spaced frames, one trigger
+    assert_fails(tmp_path, src, r"stack of 6 Merlin frames whose scan shape the file does not record")
+    ingest(src, tmp_path / "ok.h5", calibration={**CAL, "scan_shape": [2, 3]}, progress=False)
+    assert read_4dstem(tmp_path / "ok.h5").data.shape == (2, 3, 8, 8)
+
+
+def test_not_a_mib_file(tmp_path):
+    src = tmp_path / "notes.mib"
+    src.write_text("scan notes, not frames")
+    assert_fails(tmp_path, src, "not a Merlin .mib file")
+
+
+# ---------------------------------------------------------------------------------------------- ARINA
+
+
+def write_arina(folder: Path, frames: np.ndarray, per_file: int, scan_shape=None, mask=None) -> Path:
+    """A DECTRIS ARINA acquisition: master file linking to bitshuffle/LZ4 data files (+ scan metadata)."""
+    hdf5plugin = pytest.importorskip("hdf5plugin")
+    n = len(frames)
+    master = folder / "scan_master.h5"
+    with h5py.File(master, "w") as f:
+        for i, start in enumerate(range(0, n, per_file), start=1):
+            name = f"scan_data_{i:06d}.h5"
+            with h5py.File(folder / name, "w") as d:
+                chunk = frames[start : start + per_file]
+                d.create_dataset("entry/data/data", data=chunk, chunks=(1, *chunk.shape[1:]), **hdf5plugin.Bitshuffle())
+            f[f"entry/data/data_{i:06d}"] = h5py.ExternalLink(name, "/entry/data/data")
+        spec = "entry/instrument/detector/detectorSpecific"
+        f[f"{spec}/nimages"], f[f"{spec}/ntrigger"] = np.uint64(1), np.uint64(n)
+        f[f"{spec}/pixel_mask"] = np.zeros(frames.shape[1:], np.uint32) if mask is None else mask
+    if scan_shape is not None:
+        write_scan_metadata(folder, scan_shape)
+    return master
+
+
+def write_scan_metadata(folder: Path, scan_shape) -> None:
+    """The scan metadata file next to ``scan_master.h5``: scan shape, 200 kV, 0.05 nm calibrated steps."""
+    with h5py.File(folder / "scan.h5", "w") as m:
+        attrs = m.create_group("STEM Metadata").attrs
+        attrs["NumPixelsY"], attrs["NumPixelsX"] = scan_shape
+        attrs["High Tension"], attrs["Pixel Size"] = np.array([200000.0]), np.array([0.05])
+        attrs["IsPixelSizeCalibrated"] = np.array([1], np.uint8)
+
+
+def test_arina_round_trip(tmp_path):
+    data = counts(shape=(3, 4, 12, 12), dtype=np.uint32)  # square frames: rosettasciio's reader needs them
+    master = write_arina(tmp_path, data.reshape(12, 12, 12), per_file=5, scan_shape=(3, 4))
+    out = tmp_path / "out.h5"
+    summary = ingest(master, out, calibration=CAL, counts_per_electron=COUNTS_PER_E, progress=False)
+    stem = read_4dstem(out)
+    np.testing.assert_array_equal(stem.data, data / COUNTS_PER_E)  # 3 data files joined, rows filled in order
+    assert summary["format"] == "arina" and summary["reader_notes"]["data_links"][-1] == "entry/data/data_000003"
+    assert stem.energy_eV == 200e3 and stem.scan_step_A == pytest.approx(0.5)  # from the scan metadata file
+    assert summary["calibration_origin"]["energy_eV"] == "file"
+    rsciio_arina = pytest.importorskip("rsciio.arina")
+    theirs = rsciio_arina.file_reader(str(master), navigation_shape=(3, 4))[0]["data"]
+    np.testing.assert_array_equal(theirs.reshape(12, 12, 12), data.reshape(12, 12, 12))
+
+
+def test_arina_scan_shape_checks(tmp_path):
+    frames = counts(shape=(3, 4, 12, 10), dtype=np.uint32).reshape(12, 12, 10)
+    master = write_arina(tmp_path, frames, per_file=12)
+    assert_fails(
+        tmp_path,
+        master,
+        r"a DECTRIS ARINA master file: 12 frames of 12 x 10 pixels \(uint32\) in "
+        r"entry/data/data_000001 \(12 frames\); no scan metadata file scan\.h5",
+    )
+    assert_fails(
+        tmp_path, master, r"'scan_shape' = \(4, 4\) needs 4 x 4 = 16 frames, the file holds 12", **_shape(4, 4)
+    )
+    write_scan_metadata(tmp_path, (3, 4))
+    assert_fails(tmp_path, master, r"contradicts the scan metadata file scan\.h5.*\(3, 4\)", **_shape(4, 3))
+    write_scan_metadata(tmp_path, (4, 4))
+    assert_fails(tmp_path, master, r"scan\.h5 records a scan of .* \(4, 4\), 16 positions, but the data files hold 12")
+
+
+def test_arina_missing_data_file_and_filter(tmp_path, monkeypatch):
+    frames = counts(shape=(2, 4, 12, 10), dtype=np.uint32).reshape(8, 12, 10)
+    master = write_arina(tmp_path, frames, per_file=4, scan_shape=(2, 4))
+    monkeypatch.setattr(h5py.h5z, "filter_avail", lambda fid: fid != 32008)
+    assert_fails(tmp_path, master, r"compressed with HDF5 filter 32008 \(bitshuffle\).*hdf5plugin")
+    monkeypatch.undo()
+    (tmp_path / "scan_data_000002.h5").unlink()
+    assert_fails(
+        tmp_path,
+        master,
+        r"entry/data/data_000002 links to scan_data_000002\.h5:/entry/data/data, which is "
+        "missing",
+    )
+    # naming a dataset that is not there lists what the master holds, through its links
+    assert_fails(
+        tmp_path,
+        master,
+        r"'entry/data/data' is not a dataset.*entry/data/data_000001 \(4, 12, 10\) uint32 "
+        r"-> scan_data_000001\.h5:/entry/data/data",
+        dataset="entry/data/data",
+    )
+
+
+def test_arina_flagged_pixels_read_as_zero(tmp_path):
+    frames = counts(shape=(2, 2, 12, 10), dtype=np.uint32).reshape(4, 12, 10)
+    mask = np.zeros((12, 10), np.uint32)
+    mask[3, 4] = 2  # a dead pixel: the detector writes its largest count there
+    frames[:, 3, 4] = np.iinfo(np.uint32).max
+    master = write_arina(tmp_path, frames, per_file=4, scan_shape=(2, 2), mask=mask)
+    summary = ingest(master, tmp_path / "out.h5", calibration=CAL, progress=False)
+    stem = read_4dstem(tmp_path / "out.h5")
+    assert summary["reader_notes"]["pixels_masked"] == 1 and stem.data[:, :, 3, 4].max() == 0
+    expected = frames.astype(np.float32)
+    expected[:, 3, 4] = 0
+    np.testing.assert_array_equal(stem.data.reshape(4, 12, 10), expected)

@@ -1,8 +1,21 @@
-"""The whole DAG on a tiny config, and what Snakemake re-plans when an input changes."""
+"""The whole DAG on a tiny config, and what Snakemake re-plans when an input changes; configs of
+measured samples only (config/own_data.yaml) or MD only, and the notes of the report."""
+
+import json
+import logging
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
+
+from octastem.io import Stem4D, write_4dstem
+
+REPO = Path(__file__).resolve().parents[1]
+OWN_DATA = REPO / "config" / "own_data.yaml"
+MD_JOBS = {"structure", "md", "md_analysis", "snapshot_potential", "fit_md", "md_figures"}
+STEM_JOBS = {"simulate_4dstem", "simulate_nanocrystal", "dose", "dose_nanocrystal", "ingest", "average", "reconstruct"}
 
 
 @pytest.fixture(scope="module")
@@ -183,3 +196,128 @@ def test_nanocrystal_samples_are_averaged_like_measured_data(tiny_run, run_snake
     assert len(stem_rows) == 2 and stem_rows["simulated"].all()
     assert stem_rows["median_ellipticity"].between(1.0, 3.0).all() and stem_rows["se_median"].notna().all()
     assert "nanocrystal" in (tiny_run / "results/report/table1.md").read_text()
+
+
+# ----------------------------------------------------------------------------------------------
+# Samples only, MD only
+# ----------------------------------------------------------------------------------------------
+
+
+def test_samples_only_config_plans_no_md(tmp_path, run_snakemake, planned_jobs):
+    """config/own_data.yaml as shipped (its dataset written where it points) plans the measured
+    sample's chain and the report, and not one MD, structure or simulation job."""
+    (tmp_path / "data").mkdir()
+    counts = np.random.default_rng(0).poisson(0.5, (12, 12, 8, 8)).astype(np.uint16)
+    write_4dstem(tmp_path / "data/my_nc.h5", Stem4D(counts, 300e3, 25.0, 0.4, 1.0, 48.0, source="measured"))
+    jobs = planned_jobs(run_snakemake(tmp_path, "-n", configfile=OWN_DATA))
+    assert jobs == {
+        "ingest": 1,
+        "average": 1,
+        "reconstruct": 2,
+        "fit_stem": 2,
+        "figure": 2,
+        "table1": 1,
+        "table1_plot": 1,
+        "all": 1,
+    }
+    # a simulated sample still needs its MD system
+    cfg = yaml.safe_load(OWN_DATA.read_text())
+    cfg["samples"]["sim"] = {"dose_e_per_A2": 48.0, "system": "pristine"}
+    path = tmp_path / "sim.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = run_snakemake(tmp_path, "-n", check=False, configfile=path)
+    assert proc.returncode != 0 and "samples.sim.system" in proc.stdout + proc.stderr
+
+
+def test_md_only_config_plans_no_4dstem(tmp_path, run_snakemake, planned_jobs):
+    cfg = yaml.safe_load((REPO / "tests/configs/tiny.yaml").read_text())
+    del cfg["samples"]
+    cfg["table1"] = [col for col in cfg["table1"] if "system" in col]
+    path = tmp_path / "md_only.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    jobs = planned_jobs(run_snakemake(tmp_path, "-n", configfile=path))
+    assert MD_JOBS <= set(jobs) and not STEM_JOBS & set(jobs) and "fit_stem" not in jobs
+    assert jobs["fit_md"] == 2 and jobs["figure"] == 2 and jobs["table1"] == 1
+
+
+def _fit_summary(path, n, median=1.1, se=0.02):
+    path.write_text(
+        json.dumps({"summary": {"Br": {"n": n, "median_ellipticity": median, "se": se, "se_method": "asymptotic"}}})
+    )
+    return path
+
+
+def test_table1_of_samples_only_warns_on_few_columns(tmp_path, caplog):
+    """Table 1 has exactly the configured columns; without MD systems there is no MD note; an
+    entry resting on fewer than 16 Br columns is warned about in the log and in the notes."""
+    from octastem.config import schema_defaults
+    from octastem.report import write_table1
+
+    samples = {
+        "wide": {"dose_e_per_A2": 48.0, "raw": {"path": "data/wide.h5"}},
+        "one_cell": {"dose_e_per_A2": 48.0, "raw": {"path": "data/one_cell.h5"}},
+    }
+    columns = [{"label": "Wide", "sample": "wide"}, {"label": "One cell", "sample": "one_cell"}]
+    fits = [_fit_summary(tmp_path / "wide.json", 18), _fit_summary(tmp_path / "one.json", 2)]
+    out = {k: tmp_path / f"table1.{k}" for k in ("csv", "md", "html")}
+    with caplog.at_level(logging.WARNING, logger="octastem"):
+        df = write_table1(
+            out["csv"],
+            out["md"],
+            out["html"],
+            columns,
+            fits,
+            samples,
+            "cnn",
+            [],
+            schema_defaults("md"),
+            schema_defaults("stem"),
+            schema_defaults("structure"),
+            {},
+        )
+    assert list(df["label"]) == ["Wide", "One cell"] and list(pd.read_csv(out["csv"])["n_columns"]) == [18, 2]
+    md = out["md"].read_text()
+    assert "MD:" not in md and "MACE" not in md
+    assert "One cell rests on 2 Br columns, fewer than 16" in md and "Wide rests on" not in md
+    assert [r.getMessage() for r in caplog.records if "rests on" in r.getMessage()] == [
+        next(line[2:] for line in md.splitlines() if "rests on" in line)
+    ]
+
+
+def _measured_scan(path):
+    """A measured-style dataset: abTEM 4D-STEM (0.4 A step) of the periodic ideal FAPbBr3 cell, 5
+    cells (30 A) thick, tiled over 8 x 8 unit cells (120 x 120 positions), Poisson counts at 48 e/A^2."""
+    from octastem.stem.simulate import add_poisson_noise, simulate_4dstem
+    from octastem.structure import build_fapbbr3
+
+    clean = simulate_4dstem(
+        build_fapbbr3((1, 1, 5)),
+        energy_eV=300e3,
+        semiangle_mrad=25.0,
+        scan_step_A=0.4,
+        sampling_A=0.05,
+        slice_thickness_A=2.0,
+        max_angle_mrad=50.0,
+        num_workers=2,
+    )
+    counts = add_poisson_noise(np.tile(clean.data, (8, 8, 1, 1)), 48.0, 0.4, np.random.default_rng(5))
+    cal = (clean.energy_eV, clean.semiangle_mrad, 0.4, clean.k_sampling_mrad, 48.0)
+    write_4dstem(path, Stem4D(counts.astype(np.uint16), *cal, source="measured"))
+
+
+@pytest.mark.slow
+def test_samples_only_config_runs_end_to_end(tmp_path, run_snakemake):
+    """config/own_data.yaml on a measured-style dataset: ingest -> average -> reconstruct -> fit ->
+    Table 1, no MD anywhere (about 2 minutes on 2 cores)."""
+    (tmp_path / "data").mkdir()
+    _measured_scan(tmp_path / "data/my_nc.h5")
+    run_snakemake(tmp_path, configfile=OWN_DATA)
+    table = pd.read_csv(tmp_path / "results/report/table1.csv")
+    assert list(table["label"]) == ["My nanocrystal (48 e/A^2)"]
+    row = table.iloc[0]
+    assert row["n_columns"] == 18 and not row["simulated"] and row["origin"] == "data/my_nc.h5"
+    assert 1.0 <= row["median_ellipticity"] < 1.3 and 0 < row["se_median"] < 0.1
+    md = (tmp_path / "results/report/table1.md").read_text()
+    assert "MD:" not in md and "WARNING" not in md
+    assert not (tmp_path / "results/md").exists() and not (tmp_path / "results/structure").exists()
+    assert (tmp_path / "results/report/figures/my_nc_cnn.png").stat().st_size > 5000

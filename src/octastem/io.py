@@ -311,17 +311,24 @@ def write_image(path: str | os.PathLike, image: np.ndarray, sampling_A: float, k
 
 
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, dict]:
-    """Read an image file: returns (image, attrs) with attrs including sampling_A and kind."""
+    """Read an image file: returns (image, attrs) with attrs including sampling_A and kind.
+
+    A missing, truncated or corrupt file, a missing field or an image that is not 2D is an
+    :class:`InputError` naming the file."""
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: file not found")
-    with h5py.File(path, "r") as f:
+    with open_hdf5(path, "image file", ", truncated or corrupt") as f:
         if "image" not in f:
             raise InputError(f"{path}: missing dataset 'image'")
         ds = f["image"]
         if "sampling_A" not in ds.attrs:
             raise InputError(f"{path}: dataset 'image' lacks attribute 'sampling_A'")
-        return ds[()], {k: _plain(v) for k, v in ds.attrs.items()}
+        if ds.ndim != 2:
+            raise InputError(f"{path}: field 'image' must be 2D (y, x), got shape {ds.shape}")
+        try:
+            image = ds[()]
+        except OSError as e:  # the header was readable, the data block is not
+            raise InputError(f"{path}: dataset 'image' unreadable, truncated or corrupt ({e})") from e
+        return image, {k: _plain(v) for k, v in ds.attrs.items()}
 
 
 def open_hdf5(path: str | os.PathLike, what: str = "file", damaged: str = "") -> h5py.File:

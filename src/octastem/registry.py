@@ -3,11 +3,14 @@
 Entries live in ``resources/external.yaml``. :func:`fetch` returns a local path to the file (or
 to ``member`` inside an archive): from the cache when already verified there, else copied from
 the mirror folder named by ``OCTASTEM_MIRROR`` when that folder has it, else downloaded from
-the URL. Every route checks the sha256 before the file is used.
+the URL. Every route checks the sha256 before the file is used; an archive's unpacked ``member``
+is checked against the entry's ``member_sha256`` on every call, so a copy changed in the cache
+after unpacking is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -23,13 +26,13 @@ DEFAULT_REGISTRY = Path(__file__).resolve().parents[2] / "resources" / "external
 
 
 def load_registry(path: str | os.PathLike | None = None) -> dict:
-    """Read the registry YAML; each entry needs url, sha256 and mirror_path."""
+    """Read the registry YAML; each entry needs url, sha256 and mirror_path (and member_sha256 with member)."""
     path = Path(path or DEFAULT_REGISTRY)
     if not path.exists():
         raise InputError(f"{path}: external-data registry not found")
     reg = yaml.safe_load(path.read_text()) or {}
     for name, entry in reg.items():
-        for key in ("url", "sha256", "mirror_path"):
+        for key in ("url", "sha256", "mirror_path", *(("member_sha256",) if "member" in entry else ())):
             if key not in entry:
                 raise InputError(f"{path}: entry '{name}' lacks field '{key}'")
     return reg
@@ -83,7 +86,32 @@ def fetch(name: str, registry: str | os.PathLike | None = None, progress: bool =
         ) from e
     if isinstance(out, list):
         out = out[0]
-    return Path(out)
+    out = Path(out)
+    if member:
+        _check_member(name, entry, out)
+    return out
+
+
+def sha256_of(path: str | os.PathLike) -> str:
+    """sha256 (hex) of a file's content, read in blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _check_member(name: str, entry: dict, path: Path) -> None:
+    """The unpacked ``member`` must still hold what the verified archive held (``member_sha256``):
+    the archive is verified when it arrives, its unpacked copy on every use."""
+    expected = entry["member_sha256"]
+    got = sha256_of(path)
+    if got != str(expected).lower():
+        raise InputError(
+            f"external data '{name}': unpacked copy {path} has sha256 {got}, the registry records "
+            f"member_sha256 {expected}; it was changed after unpacking and is not used. Delete it "
+            "to have it unpacked again from the verified archive"
+        )
 
 
 def is_entry(name: str, registry: str | os.PathLike | None = None) -> bool:

@@ -1,9 +1,15 @@
-"""Table 1 of the study (median Br ellipticity +- SE of the median) as CSV, Markdown, HTML and a plot."""
+"""Table 1 of the study (median Br ellipticity +- SE of the median) as CSV, Markdown, HTML and a plot.
+
+The columns are exactly those the config lists: 4D-STEM samples, MD systems or both; the notes
+describe only what the table rests on (no MD note without MD systems), and warn for every entry
+that rests on fewer than :data:`MIN_COLUMNS` Br columns.
+"""
 
 from __future__ import annotations
 
 import html
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,6 +17,11 @@ import pandas as pd
 
 from octastem import io
 from octastem.io import InputError
+
+log = logging.getLogger("octastem")
+
+#: Fewest Br columns behind a Table 1 entry for a usable median and standard error of the median.
+MIN_COLUMNS = 16
 
 
 def _load_summary(path) -> dict:
@@ -127,8 +138,23 @@ def specimen_text(stem: dict, structure: dict) -> str:
     )
 
 
+def few_columns_notes(df: pd.DataFrame, min_columns: int = MIN_COLUMNS) -> list[str]:
+    """A warning for every Table 1 entry resting on fewer than ``min_columns`` Br columns."""
+    notes = []
+    for _, r in df.iterrows():
+        if r["n_columns"] < min_columns:
+            measured = r["source"] == "4D-STEM" and not r["simulated"]
+            more = "a larger average.supercell" if measured else "larger structure.reps"
+            notes.append(
+                f"WARNING: {r['label']} rests on {r['n_columns']} Br columns, fewer than {min_columns}: its median and "
+                f"standard error are rough; {more} gives more columns (README, 'Your own data')."
+            )
+    return notes
+
+
 def notes_for(df: pd.DataFrame, md_summaries: list, md: dict, stem: dict, structure: dict, systems: dict) -> list[str]:
-    """Plain-language notes: what is simulated, which potential and settings produced the values."""
+    """Plain-language notes: what is simulated, which potential and settings produced the values,
+    and which entries rest on too few columns (:func:`few_columns_notes`)."""
     notes = []
     for _, r in df.iterrows():
         if r["source"] == "4D-STEM":
@@ -145,13 +171,14 @@ def notes_for(df: pd.DataFrame, md_summaries: list, md: dict, stem: dict, struct
             f"{stem['semiangle_mrad']:g} mrad, scan step {stem['scan_step_A']:g} A, {stem['frames']} frozen-phonon MD "
             f"frames. Specimen: {specimen_text(stem, structure)}"
         )
-    reps = structure["reps"]
-    notes.append(
-        f"MD: potential '{md['potential']}' ({_potential_kind(md['potential'])}), {reps[0]}x{reps[1]}x{reps[2]} cubic "
-        f"FAPbBr3 supercell, systems {systems} (FABr vacancies), NPT {md['temperature_K']:g} K / "
-        f"{md['pressure_MPa']:g} MPa, {md['timestep_fs']:g} fs step, {md['total_fs']:g} fs total, last "
-        f"{md['analysis_fs']:g} fs analysed, snapshot every {md['frame_interval_fs']:g} fs."
-    )
+    if systems:
+        reps = structure["reps"]
+        notes.append(
+            f"MD: potential '{md['potential']}' ({_potential_kind(md['potential'])}), {reps[0]}x{reps[1]}x{reps[2]} "
+            f"cubic FAPbBr3 supercell, systems {systems} (FABr vacancies), NPT {md['temperature_K']:g} K / "
+            f"{md['pressure_MPa']:g} MPa, {md['timestep_fs']:g} fs step, {md['total_fs']:g} fs total, last "
+            f"{md['analysis_fs']:g} fs analysed, snapshot every {md['frame_interval_fs']:g} fs."
+        )
     for path in md_summaries:
         s = _load_summary(path)
         lat = s["lattice_A"]
@@ -161,7 +188,7 @@ def notes_for(df: pd.DataFrame, md_summaries: list, md: dict, stem: dict, struct
             f"{s['pb_br_pb_angle_deg']['mean']:.1f} deg, Br perpendicular RMS displacement "
             f"{s['br_displacement_A']['perpendicular_rms']:.3f} A over {s['n_frames_analysed']} frames."
         )
-    return notes
+    return notes + few_columns_notes(df)
 
 
 def provenance_lines(record: dict) -> list[str]:
@@ -199,6 +226,8 @@ def write_table1(
     """Table 1 as CSV, Markdown (with notes and provenance), HTML; ``provenance_json`` gets the full record."""
     df = build_table1(columns, fit_paths, samples, method)
     notes = notes_for(df, md_summaries, md, stem, structure, systems)
+    for note in few_columns_notes(df):
+        log.warning("%s", note)
     record = json.loads(io.provenance(seeds=seeds or {}))
     record["fits"] = {str(p): _load_summary(p).get("provenance") for p in fit_paths}
     prov = provenance_lines(record)

@@ -7,13 +7,7 @@ def _config_error(key, message):
     raise ValueError(f"config: '{key}': {message}")
 
 
-def _check_config(cfg):
-    systems = cfg["systems"]
-    reps = cfg["structure"]["reps"]
-    n_fa = reps[0] * reps[1] * reps[2]
-    for name, n in systems.items():
-        if n > n_fa:
-            _config_error(f"systems.{name}", f"{n} FABr vacancies but the {reps} supercell has only {n_fa} FA sites")
+def _check_md(cfg):
     md = cfg["md"]
     ratio = md["frame_interval_fs"] / md["timestep_fs"]
     if abs(ratio - round(ratio)) > 1e-9:
@@ -23,6 +17,17 @@ def _check_config(cfg):
     n_window = int(md["analysis_fs"] / md["frame_interval_fs"]) + 1
     if cfg["stem"]["frames"] > n_window:
         _config_error("stem.frames", f"{cfg['stem']['frames']} frames asked but the analysis window has {n_window}")
+
+
+def _check_config(cfg):
+    systems = cfg["systems"]
+    reps = cfg["structure"]["reps"]
+    n_fa = reps[0] * reps[1] * reps[2]
+    for name, n in systems.items():
+        if n > n_fa:
+            _config_error(f"systems.{name}", f"{n} FABr vacancies but the {reps} supercell has only {n_fa} FA sites")
+    if systems:  # MD settings matter only when there is MD to run
+        _check_md(cfg)
     stem = cfg["stem"]
     if stem["specimen"] == "nanocrystal" and any("raw" not in s for s in cfg["samples"].values()):
         # the nanocrystal tiles the MD cell; its scan must hold >= 3 lattice periods (template matching)
@@ -61,6 +66,14 @@ def _check_config(cfg):
 
 _check_config(config)
 
+
+def one_of(names):
+    """Wildcard constraint matching exactly one of ``names`` (nothing when empty)."""
+    return "|".join(names) if names else "(?!)"
+
+
+# Any of systems and samples may be empty: a config of measured samples runs no MD, an MD-only
+# config no 4D-STEM; Table 1 has exactly the columns config["table1"] lists.
 SYSTEMS = list(config["systems"])
 SAMPLES = list(config["samples"])
 RAW_SAMPLES = [s for s in SAMPLES if "raw" in config["samples"][s]]
@@ -75,9 +88,9 @@ METHODS = config["reconstruct"]["methods"]
 
 
 wildcard_constraints:
-    system="|".join(SYSTEMS),
-    sample="|".join(SAMPLES),
-    method="|".join(METHODS),
+    system=one_of(SYSTEMS),
+    sample=one_of(SAMPLES),
+    method=one_of(METHODS),
     round=r"\d+",
 
 
@@ -123,11 +136,6 @@ def local_path(path):
     return str(Path(workflow.basedir) / p)
 
 
-def one_of(names):
-    """Wildcard constraint matching exactly one of ``names`` (nothing when empty)."""
-    return "|".join(names) if names else "(?!)"
-
-
 def image_geometry_of(sample):
     """In-plane cells covered by the phase image of ``sample``: the averaged supercell for raw data.
 
@@ -166,6 +174,11 @@ def table1_fits():
         else:
             out.append(f"results/fit/md_{col['system']}.json")
     return out
+
+
+def md_report_figures():
+    """MD figures of the report target (md_figures makes the per-system ones beside it); none without systems."""
+    return ["results/report/figures/angle_vs_vacancies.png"] if SYSTEMS else []
 
 
 def fit_names():

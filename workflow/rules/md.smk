@@ -7,6 +7,7 @@ rule md:
         trajectory="results/md/{system}/trajectory.h5",
     params:
         potential=config["md"]["potential"],
+        trust_model_file=config["md"]["trust_model_file"],
         device=config["md"]["device"],
         dtype=config["md"]["dtype"],
         temperature_K=config["md"]["temperature_K"],

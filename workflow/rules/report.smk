@@ -42,7 +42,7 @@ rule table1:
 rule figure:
     """Image with the fitted elliptical Gaussians drawn and coloured by ellipticity."""
     wildcard_constraints:
-        name="|".join(fit_names()),
+        name=one_of(fit_names()),
     input:
         image=fit_image,
         table="results/fit/{name}.csv",

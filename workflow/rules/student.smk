@@ -12,6 +12,7 @@ rule student_data:
         summary="results/student/data_r{round}.json",
     params:
         reference=config["student"]["reference"],
+        trust_model_file=config["student"]["trust_model_file"],
         round=lambda wc: config["student"]["rounds"][int(wc.round)],
     log:
         "logs/student/data_r{round}.log",
@@ -37,6 +38,7 @@ rule train_student:
         split=directory("results/student/split_r{round}"),
     params:
         reference=config["student"]["reference"],
+        trust_model_file=config["student"]["trust_model_file"],
         train=config["student"]["train"],
         split=config["student"]["split"],
         epochs=lambda wc: config["student"]["rounds"][int(wc.round)].get("epochs"),
@@ -62,6 +64,7 @@ rule validate_student:
         validation="results/student/validation.json",
     params:
         reference=config["student"]["reference"],
+        trust_model_file=config["student"]["trust_model_file"],
         md=config["student"]["md_compare"],
         npt=config["student"]["npt_check"],
     log:

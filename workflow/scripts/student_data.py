@@ -7,5 +7,6 @@ with stages.logged(path=snakemake.log[0], smk=snakemake):
         reference=snakemake.params.reference,
         sampling=dict(snakemake.params["round"]),
         driver=snakemake.input.driver or None,
+        trust_model_file=snakemake.params.trust_model_file,
         threads=snakemake.threads,
     )

@@ -10,5 +10,6 @@ with stages.logged(path=snakemake.log[0], smk=snakemake):
         **dict(snakemake.params.split),
         warm_start=snakemake.input.warm_start or None,
         epochs=snakemake.params.epochs,
+        trust_model_file=snakemake.params.trust_model_file,
         threads=snakemake.threads,
     )

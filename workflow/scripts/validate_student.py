@@ -8,5 +8,6 @@ with stages.logged(path=snakemake.log[0], smk=snakemake):
         reference=snakemake.params.reference,
         md=dict(snakemake.params.md),
         npt=dict(snakemake.params.npt),
+        trust_model_file=snakemake.params.trust_model_file,
         threads=snakemake.threads,
     )

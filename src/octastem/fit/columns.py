@@ -85,9 +85,12 @@ def fit_columns(
         not apply. Thousands of columns per second.
 
     Returns one row per fitted column (see ``RESULT_COLUMNS``; lengths in A, angles in degrees,
-    the major-axis angle from +x in (-90, 90]); ``df.attrs`` holds origin_A, lattice and timing.
+    the major-axis angle from +x in (-90, 90]); ``df.attrs`` holds origin_A, lattice, the height of
+    each site in the lattice search (``site_heights``, :data:`~octastem.fit.lattice.SITES` order)
+    and timing.
     Raises :class:`~octastem.io.InputError` for a non-finite image, an image that does not span
-    the lattice, a lattice guess off by more than a quarter cell, or columns that are not found.
+    the lattice, a PbBr column more than a quarter cell from the cell origin, or columns that are
+    not found. The columns may come in any contrast order (see :func:`~octastem.fit.locate_lattice`).
     """
     t0 = time.perf_counter()
     img, s, *_ = _check_geometry(image, sampling_A, n_cells, cell_A)
@@ -144,6 +147,7 @@ def _finish(df, types, lattice: Lattice, radius, method, t0) -> pd.DataFrame:
         sampling_A=lattice.sampling_A,
         window_A=2 * radius,
         noise_sigma=lattice.noise_sigma,
+        site_heights=lattice.site_heights,
         method=method,
         fit_seconds=fit_seconds,
     )

@@ -2,7 +2,8 @@
 
 All outputs are written atomically. The summary holds, per column type, the measured median
 ellipticity with its standard errors beside the round-column baseline (the noise bias, see
-:func:`octastem.fit.round_baseline`), the lattice found and the provenance of the run.
+:func:`octastem.fit.round_baseline`), the lattice found (with the height of each site in the
+lattice search: the contrast order of the columns) and the provenance of the run.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 from octastem.config import schema_defaults
 from octastem.fit.columns import fit_columns
+from octastem.fit.lattice import SITES
 from octastem.fit.model import WINDOW_MAX_PIXELS
 from octastem.fit.plot import plot_model
 from octastem.fit.summary import summarize
@@ -49,6 +51,13 @@ def _baseline(image_path, image, attrs, df, n_cells, cell_A, **settings):
         return {}, str(e)
 
 
+def _site_heights(heights) -> dict | None:
+    """Height of each site of the structure model in the lattice search: the contrast order found."""
+    if heights is None:
+        return None
+    return {site: float(h) for (site, *_), h in zip(SITES, heights, strict=True)}
+
+
 def _summary(image_path, attrs, df, types, per_type, base, baseline_error) -> dict:
     """The JSON summary (less its provenance): image, lattice found, fit settings, per-type results
     and the baseline's noise model (or why there is none; None without a baseline)."""
@@ -60,6 +69,7 @@ def _summary(image_path, attrs, df, types, per_type, base, baseline_error) -> di
         "cell_A": list(df.attrs["cell_A"]),
         "lattice_A": list(df.attrs["lattice_A"]),
         "origin_A": list(df.attrs["origin_A"]),
+        "site_heights": _site_heights(df.attrs.get("site_heights")),
         "window_A": df.attrs["window_A"],
         "noise_sigma": df.attrs["noise_sigma"],
         "types": list(types) if not isinstance(types, str) else [types],

@@ -6,7 +6,12 @@ the in-plane size of that periodic supercell (the whole image), so the lattice c
 ``Lx/nx`` and ``Ly/ny``. The ideal columns per unit cell (fractional coordinates) are PbBr (0, 0),
 Br (1/2, 0) (site ``Br_x``: its Pb-Br-Pb bond runs along x), Br (0, 1/2) (site ``Br_y``) and FA
 (1/2, 1/2). A rigid lattice offset (``origin_A``: position of the PbBr column of cell (0, 0)) is
-found from the brightest peak of each cell (:func:`locate_lattice`, :func:`refine_origin`).
+found whatever the contrast order of the columns (:func:`locate_lattice`, :func:`refine_origin`):
+a template of all four sites with a free height per site, fitted by linear least squares at every
+candidate origin, locates the columns as a whole; the types are those of the structure model's
+sites with the PbBr column at the cell origin (as in the MD cell and the template-matching
+average), checked by its symmetry (Br_x and Br_y equal in height); the brightest peak of each cell,
+at whichever site, refines the offset.
 
 Initial guesses of every column (position, height, background, covariance) come from the
 brightest pixel near its ideal site and the second moments of its half-maximum region.
@@ -46,6 +51,15 @@ GUESS_SIGMA_MAX_FRAC = 0.2
 GUESS_SIGMA_FRAC = 0.07
 #: Bound of the initial correlation rho.
 GUESS_RHO_MAX = 0.8
+#: Width (lattice constants, at least one pixel) of the Gaussians of the all-sites template that
+#: locates the lattice.
+TEMPLATE_SIGMA_FRAC = 0.07
+#: The site assignment is refused when the Br_x / Br_y height difference exceeds SYMMETRY_RATIO
+#: times the PbBr / A one plus SYMMETRY_SIGMAS standard errors (:func:`_check_assignment`). The
+#: ratio leaves room for the Br_x / Br_y asymmetry of real phase images (up to ~10 % of the
+#: PbBr height in iCOM images of the simulated nanocrystal at 48 e/A^2, about 10x their standard error).
+SYMMETRY_RATIO = 2.0
+SYMMETRY_SIGMAS = 3.0
 
 
 def _pair(value, name: str, cast=float) -> tuple:
@@ -156,38 +170,146 @@ def _noise_sigma(img) -> float:
     return float(1.4826 * np.median(np.abs(d - np.median(d))) / math.sqrt(6))
 
 
-def _locate_pbbr(image, sampling_A, n_cells, cell_A):
-    """Per-cell offsets (dx, dy) of the brightest peak of each cell from its ideal PbBr site, and
-    the peak contrasts. The search box is a whole cell, so any rigid offset is found."""
-    img, s, (nx, ny), (_lx, _ly), (ax, ay) = _check_geometry(image, sampling_A, n_cells, cell_A)
-    smooth = _smooth(img)
+def _site_profile(n_px: int, s: float, n: int, frac: float, sigma: float) -> np.ndarray:
+    """Periodic 1D sum of Gaussians of width ``sigma`` (A) at (i + frac) of ``n`` equal periods
+    spanning ``n_px`` pixels of ``s`` A: one factor of a site's template (the sites form a
+    rectangular lattice, so their templates are separable)."""
+    period = n_px * s
+    x = np.arange(n_px) * s
+    centres = (np.arange(n) + frac) * period / n
+    d = (x[:, None] - centres[None, :] + period / 2) % period - period / 2
+    return np.exp(-0.5 * (d / sigma) ** 2).sum(axis=1)
+
+
+def _template_scores(img, s, n_cells, sigma):
+    """Linear least squares of the all-sites template at every pixel shift of its origin.
+
+    The template has one Gaussian of width ``sigma`` (A) per column of the structure model
+    (:data:`SITES`), a free height per site and a free background. Its fit at an origin shift of
+    (p, q) pixels needs only the correlations of the image with the four site templates (by FFT)
+    and their Gram matrix, which no shift changes. Returns the explained sum of squares per shift
+    (ny, nx), the correlations (5, ny, nx; the last one with the constant background) and the
+    inverse Gram matrix (5, 5).
+    """
+    nyp, nxp = img.shape
+    nx, ny = n_cells
+    spectrum = np.fft.rfft2(img)
+    prof_x = {f: _site_profile(nxp, s, nx, f, sigma) for f in (0.0, 0.5)}
+    prof_y = {f: _site_profile(nyp, s, ny, f, sigma) for f in (0.0, 0.5)}
+    k_bg = len(SITES)
+    corr = np.empty((k_bg + 1, nyp, nxp))
+    gram = np.empty((k_bg + 1, k_bg + 1))
+    for k, (_, _, fx, fy) in enumerate(SITES):
+        template = np.outer(prof_y[fy], prof_x[fx])
+        corr[k] = np.fft.irfft2(spectrum * np.conj(np.fft.rfft2(template)), s=img.shape)
+        for m, (_, _, gx, gy) in enumerate(SITES):
+            gram[k, m] = (prof_y[fy] @ prof_y[gy]) * (prof_x[fx] @ prof_x[gx])
+        gram[k, k_bg] = gram[k_bg, k] = prof_y[fy].sum() * prof_x[fx].sum()
+    corr[k_bg] = img.sum()
+    gram[k_bg, k_bg] = img.size
+    gram_inv = np.linalg.inv(gram)
+    return np.einsum("kyx,km,myx->yx", corr, gram_inv, corr), corr, gram_inv
+
+
+def _parabola_vertex(left: float, centre: float, right: float) -> float:
+    """Sub-pixel offset (pixels, within +-0.5) of the vertex of the parabola through three samples."""
+    curvature = left - 2 * centre + right
+    if not curvature < 0:
+        return 0.0
+    return float(np.clip(0.5 * (left - right) / curvature, -0.5, 0.5))
+
+
+def _template_origin(img, s, n_cells, origin_A=None):
+    """Origin of the structure model's columns from all of them: the shift of the all-sites
+    template (:func:`_template_scores`) that fits best, searched within a quarter cell of the image
+    origin (the template repeats every half cell, so that window holds each fit once), refined to a
+    sub-pixel by a parabola; ``origin_A`` when given. Returns ((ox, oy) A, the fitted height of
+    each site of :data:`SITES` at that shift, their covariance (4, 4))."""
+    nyp, nxp = img.shape
+    nx, ny = n_cells
+    ax_px, ay_px = nxp / nx, nyp / ny
+    sigma = max(TEMPLATE_SIGMA_FRAC * min(ax_px, ay_px) * s, s)
+    score, corr, gram_inv = _template_scores(img, s, (nx, ny), sigma)
+    qx = (np.arange(nxp) + nxp // 2) % nxp - nxp // 2
+    qy = (np.arange(nyp) + nyp // 2) % nyp - nyp // 2
+    if origin_A is None:
+        inside = (np.abs(qy)[:, None] <= ay_px / 4) & (np.abs(qx)[None, :] <= ax_px / 4)
+        p, q = np.unravel_index(int(np.argmax(np.where(inside, score, -np.inf))), score.shape)
+        dx = _parabola_vertex(score[p, (q - 1) % nxp], score[p, q], score[p, (q + 1) % nxp])
+        dy = _parabola_vertex(score[(p - 1) % nyp, q], score[p, q], score[(p + 1) % nyp, q])
+        origin = (float((qx[q] + dx) * s), float((qy[p] + dy) * s))
+    else:
+        origin = tuple(float(v) for v in origin_A)
+        p, q = round(origin[1] / s) % nyp, round(origin[0] / s) % nxp
+    coef = gram_inv @ corr[:, p, q]
+    rss = max(float(np.sum(img * img) - score[p, q]), 0.0)
+    cov = rss / max(img.size - len(coef), 1) * gram_inv
+    return origin, coef[: len(SITES)], cov[: len(SITES), : len(SITES)]
+
+
+def _cell_peaks(img, s, n_cells, lattice_A, origin_A):
+    """The brightest peak of each unit cell, searched over the whole cell (any column type may be
+    the brightest), as the offset (dx, dy) A from the ideal position (origin (0, 0)) of the site it
+    sits at (the nearest site of the structure model's grid at ``origin_A``), and its contrast."""
+    nx, ny = n_cells
+    ax, ay = lattice_A
     a = min(ax, ay)
+    smooth = _smooth(img)
     offsets, contrasts = [], []
     for j in range(ny):
         for i in range(nx):
             x, y, c = _peak_position(img, smooth, s, i * ax, j * ay, 0.5 * math.hypot(ax, ay), PEAK_FRAC * a)
-            dx = (x - i * ax + 0.5 * ax) % ax - 0.5 * ax
-            dy = (y - j * ay + 0.5 * ay) % ay - 0.5 * ay
+            fx = 0.5 * (math.floor((x - origin_A[0]) / (0.5 * ax) + 0.5) % 2)
+            fy = 0.5 * (math.floor((y - origin_A[1]) / (0.5 * ay) + 0.5) % 2)
+            dx = (x - (i + fx) * ax + 0.5 * ax) % ax - 0.5 * ax
+            dy = (y - (j + fy) * ay + 0.5 * ay) % ay - 0.5 * ay
             offsets.append((dx, dy))
             contrasts.append(c)
-    return np.array(offsets), np.array(contrasts), (ax, ay)
+    return np.array(offsets), np.array(contrasts)
 
 
 def _circular_mean(d, period):
     return float(period / (2 * math.pi) * np.angle(np.mean(np.exp(2j * math.pi * np.asarray(d) / period))))
 
 
+def _check_assignment(heights, cov, lattice_A) -> None:
+    """The structure model's symmetry check of the site assignment: Br_x and Br_y are equivalent
+    (the four-fold axis through PbBr and A maps one onto the other), so their heights agree, while
+    PbBr and A differ in general. When the pair at (1/2, 0) and (0, 1/2) of the origin differs by
+    clearly more than the pair at (0, 0) and (1/2, 1/2) (:data:`SYMMETRY_RATIO`,
+    :data:`SYMMETRY_SIGMAS`), the Br columns are the diagonal through the origin: the PbBr column
+    sits half a cell away. (Where PbBr and A are as bright as each other, the heights cannot tell
+    the two diagonals apart, and the PbBr column is taken to be at the origin.)"""
+    h = dict(zip((site for site, *_ in SITES), heights))
+    d_br, d_pa = abs(h["Br_x"] - h["Br_y"]), abs(h["PbBr"] - h["FA"])
+    e_br, e_pa = np.array([0.0, 1.0, -1.0, 0.0]), np.array([1.0, 0.0, 0.0, -1.0])
+    se = math.sqrt(max(float(e_br @ cov @ e_br + e_pa @ cov @ e_pa), 0.0))
+    if d_br > SYMMETRY_RATIO * d_pa + SYMMETRY_SIGMAS * se:
+        ax, ay = lattice_A
+        raise InputError(
+            f"lattice: the columns at (1/2, 0) and (0, 1/2) of the origin, equivalent Br sites in the structure "
+            f"model, differ in height ({h['Br_x']:.3g} vs {h['Br_y']:.3g}) while those at (0, 0) and (1/2, 1/2) "
+            f"agree ({h['PbBr']:.3g}, {h['FA']:.3g}): the PbBr column sits half a cell from the cell origin, more "
+            f"than a quarter cell ({ax / 4:.2f}, {ay / 4:.2f}) A from where the MD cell and the template-matching "
+            f"average put it; check n_cells/cell_A or the image"
+        )
+
+
 def refine_origin(image, sampling_A, n_cells, cell_A) -> tuple[float, float]:
-    """Rigid lattice offset (ox, oy) in A: the mean (periodic) displacement of the PbBr columns,
-    found as the brightest peak of each unit cell, from the ideal grid at origin (0, 0)."""
-    offsets, _, (ax, ay) = _locate_pbbr(image, sampling_A, n_cells, cell_A)
-    return _circular_mean(offsets[:, 0], ax), _circular_mean(offsets[:, 1], ay)
+    """Rigid lattice offset (ox, oy) in A, the position of the PbBr column of cell (0, 0): the
+    structure model's columns located as a whole (:func:`_template_origin`), then the mean
+    (periodic) displacement of the brightest peak of each cell from the ideal site it sits at."""
+    img, s, n, _cell, lattice_A = _check_geometry(image, sampling_A, n_cells, cell_A)
+    coarse, _, _ = _template_origin(img, s, n)
+    offsets, _ = _cell_peaks(img, s, n, lattice_A, coarse)
+    return _circular_mean(offsets[:, 0], lattice_A[0]), _circular_mean(offsets[:, 1], lattice_A[1])
 
 
 @dataclass(frozen=True)
 class Lattice:
     """The lattice found in an image: pixel size, cells, supercell and lattice constants (A), the
-    rigid offset ``origin_A`` of the PbBr column of cell (0, 0) and the pixel noise estimate."""
+    rigid offset ``origin_A`` of the PbBr column of cell (0, 0), the pixel noise estimate and the
+    heights of the four sites of :data:`SITES` in the all-sites template fit (the contrast order)."""
 
     sampling_A: float
     n_cells: tuple[int, int]
@@ -195,6 +317,7 @@ class Lattice:
     lattice_A: tuple[float, float]
     origin_A: tuple[float, float]
     noise_sigma: float
+    site_heights: tuple[float, ...] | None = None
 
     @property
     def a(self) -> float:
@@ -207,18 +330,26 @@ class Lattice:
 
 
 def locate_lattice(image, sampling_A, n_cells, cell_A, origin_A=None) -> Lattice:
-    """Find the lattice of ``n_cells`` over ``cell_A`` in ``image``: check that the brightest (PbBr)
-    peaks stand out of the noise and repeat with the lattice, and take their mean offset as the
-    origin (or ``origin_A`` when given). Raises :class:`~octastem.io.InputError` when the columns
-    are not found or sit more than a quarter cell from the ideal grid."""
+    """Find the lattice of ``n_cells`` over ``cell_A`` in ``image``, whatever the contrast order of
+    its columns.
+
+    The origin comes from all the columns of the structure model (:func:`_template_origin`); the
+    types follow from the sites of the model with the PbBr column at the cell origin (where the MD
+    cell and the template-matching average put it), checked by the model's symmetry
+    (:func:`_check_assignment`). The brightest peak of each cell, whichever site it sits at, must
+    stand out of the noise and repeat with the lattice; their mean offset from their sites is the
+    origin (``origin_A`` when given). Raises :class:`~octastem.io.InputError` when the columns are
+    not found, do not repeat with the lattice, or the PbBr column sits more than a quarter cell
+    from the cell origin."""
     img, s, (nx, ny), (lx, ly), (ax, ay) = _check_geometry(image, sampling_A, n_cells, cell_A)
     a = min(ax, ay)
-    offsets, contrasts, _ = _locate_pbbr(img, s, (nx, ny), (lx, ly))
+    coarse, heights, cov = _template_origin(img, s, (nx, ny), origin_A)
+    offsets, contrasts = _cell_peaks(img, s, (nx, ny), (ax, ay), coarse)
     noise = _noise_sigma(img)
     if np.median(contrasts) <= 5 * noise:
         raise InputError(
-            f"image: columns not found: PbBr peak contrast {np.median(contrasts):.3g} is not above "
-            f"5x the pixel noise {noise:.3g}"
+            f"image: columns not found: the peak contrast {np.median(contrasts):.3g} of the brightest column "
+            f"of each cell is not above 5x the pixel noise {noise:.3g}"
         )
     mx, my = _circular_mean(offsets[:, 0], ax), _circular_mean(offsets[:, 1], ay)
     scatter = np.hypot((offsets[:, 0] - mx + ax / 2) % ax - ax / 2, (offsets[:, 1] - my + ay / 2) % ay - ay / 2)
@@ -228,13 +359,15 @@ def locate_lattice(image, sampling_A, n_cells, cell_A, origin_A=None) -> Lattice
             f"n_cells = ({nx}, {ny}) over cell_A = ({lx}, {ly}) A (median scatter "
             f"{np.median(scatter):.2f} A about the mean offset); columns not found"
         )
+    if origin_A is None:
+        _check_assignment(heights, cov, (ax, ay))
     ox, oy = (mx, my) if origin_A is None else (float(v) for v in origin_A)
     if abs(ox) > ax / 4 or abs(oy) > ay / 4:
         raise InputError(
-            f"lattice: the brightest (PbBr) columns sit ({ox:.2f}, {oy:.2f}) A from the ideal grid, "
-            f"more than a quarter cell ({ax / 4:.2f}, {ay / 4:.2f}) A; check n_cells/cell_A or the contrast"
+            f"lattice: the PbBr columns sit ({ox:.2f}, {oy:.2f}) A from the cell origin, more than a quarter "
+            f"cell ({ax / 4:.2f}, {ay / 4:.2f}) A; check n_cells/cell_A or the image"
         )
-    return Lattice(s, (nx, ny), (lx, ly), (ax, ay), (ox, oy), noise)
+    return Lattice(s, (nx, ny), (lx, ly), (ax, ay), (ox, oy), noise, tuple(float(h) for h in heights))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,16 +14,26 @@ CPU with the same thread count, produces bit-identical frames to an uninterrupte
 CUDA's atomic scatter-adds already make two uninterrupted runs differ in the last bits); the
 finished file is renamed into place only at the end.
 
-Two things make the resumed frames identical rather than merely close:
+These make the resumed frames identical rather than merely close, whatever ran earlier in the process:
 
 - The integrator's forces are carried over, not recomputed. ``LangevinBAOAB`` evaluates the cell
   force at the end of a step from the momenta *before* the last half kick, while its constructor
   evaluates it from the momenta after it, so a freshly constructed integrator would start from a
   different cell force than the uninterrupted run had at the same step.
-- TorchScript's profiling executor is switched off while the dynamics runs. It executes the first
-  calls of a scripted module (e3nn's inside MACE) unoptimised and later ones with a fused graph
-  whose float32 results differ in the last bits, so a force would depend on how many evaluations
-  the process had already done. Unoptimised execution costs nothing measurable on the CPU.
+- TorchScript's optimising executor is off. It executes the first calls of a scripted module
+  (e3nn's inside MACE) with a profiling graph and later ones with an optimised graph whose float32
+  results differ in the last bits, and once a function has its optimised graph, switching the
+  optimisation off no longer brings the unoptimised one back; so it is switched off when a model
+  is loaded (:func:`octastem.md.load_mace_model`), before any evaluation, and again while the
+  dynamics runs. Unoptimised execution costs nothing measurable on the CPU.
+- The calculator's cached results are dropped at the start. ASE calculators keep the results of
+  their last call, so a structure evaluated just before (under other torch settings, e.g. outside
+  the settings below) would hand the run its first forces from that call instead of a fresh one.
+- torch's deterministic algorithms are switched on and the thread count is set to the one the
+  calculator was made for (``torch_threads`` of :func:`octastem.md.mace_calculator`) while the
+  dynamics runs, both restored afterwards. With more than one thread MACE's scatter-adds otherwise
+  sum in an order that varies between calls, so forces, and with them a resumed run, would differ
+  in the last bits; and the thread count would be whatever code run earlier in the process left.
 """
 
 from __future__ import annotations
@@ -88,14 +98,30 @@ def _truncate(f: h5py.File, n_frames: int) -> None:
 
 
 @contextlib.contextmanager
-def _reproducible_forces():
-    """Every force evaluation runs the same code path, however many came before (see module doc)."""
+def _reproducible_forces(calc):
+    """Every force evaluation runs the same code path, however many came before and whatever the
+    process set meanwhile (see module doc); torch's previous settings are restored on exit."""
     torch = sys.modules.get("torch")
     if torch is None:
         yield
         return
-    with torch.jit.optimized_execution(False):
-        yield
+    threads = getattr(calc, "torch_threads", None)
+    previous = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    # warn_only: an operation without a deterministic implementation (some CUDA kernels) warns
+    # instead of raising; on the CPU MACE's scatter-adds then sum in a fixed order
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    if threads:
+        torch.set_num_threads(int(threads))
+    try:
+        with torch.jit.optimized_execution(False):
+            yield
+    finally:
+        torch.set_num_threads(previous[0])
+        torch.use_deterministic_algorithms(previous[1], warn_only=previous[2])
 
 
 def _write_checkpoint(f: h5py.File, atoms: Atoms, dyn: LangevinBAOAB, n_frames: int) -> None:
@@ -181,7 +207,6 @@ def _write_frames(
     return n_done
 
 
-@_reproducible_forces()
 def run_npt(
     atoms: Atoms,
     calc,
@@ -223,18 +248,39 @@ def run_npt(
         integrator="ase.md.langevinbaoab.LangevinBAOAB (anisotropic cell)",
     )
     atoms = atoms.copy()
+    # results the calculator cached for these positions before (under other torch settings)
+    # would stand in for the first forces; every force of the run is computed under its settings
+    if hasattr(calc, "reset"):
+        calc.reset()
     atoms.calc = calc
+    with _reproducible_forces(calc):
+        return _run(atoms, output, settings, steps_per_frame, n_frames_total, checkpoint_every, max_frames, progress)
+
+
+def _run(
+    atoms: Atoms,
+    output: Path,
+    settings: dict,
+    steps_per_frame: int,
+    n_frames_total: int,
+    checkpoint_every: int,
+    max_frames: int | None,
+    progress: bool,
+) -> Path:
+    """The body of :func:`run_npt` once its settings are checked: start or resume, run, finish."""
+    s = settings
+    frame_interval_fs = s["frame_interval_fs"]
     part = partial_path(output)
-    resumed = _resume_or_start(part, atoms, settings, temperature_K=temperature_K, seed=seed)
+    resumed = _resume_or_start(part, atoms, s, temperature_K=s["temperature_K"], seed=s["seed"])
     dyn = LangevinBAOAB(
         atoms,
-        timestep_fs * units.fs,
-        temperature_K=temperature_K,
-        externalstress=-pressure_MPa * 1e6 * units.Pascal,  # stress = -pressure
+        s["timestep_fs"] * units.fs,
+        temperature_K=s["temperature_K"],
+        externalstress=-s["pressure_MPa"] * 1e6 * units.Pascal,  # stress = -pressure
         hydrostatic=False,
-        T_tau=T_tau_fs * units.fs,
-        P_tau=P_tau_fs * units.fs,
-        rng=generator(seed, "md_langevin"),
+        T_tau=s["T_tau_fs"] * units.fs,
+        P_tau=s["P_tau_fs"] * units.fs,
+        rng=generator(s["seed"], "md_langevin"),
     )
     n_done = 0
     if resumed is not None:
@@ -324,35 +370,79 @@ def spread(frames: list, n: int) -> list:
     return [frames[i] for i in pick]
 
 
+#: Datasets with one entry per frame.
+FRAME_DATASETS = ("time_fs", "positions", "cell", "energy_eV", "temperature_K", "stress_eV_per_A3")
+
+
+def check_trajectory(f: h5py.File, path: str | os.PathLike) -> int:
+    """The frame count of the open trajectory file ``f`` (at ``path``), after its consistency checks.
+
+    Every per-frame dataset present must hold the same number of frames, ``positions`` one row per
+    entry of ``numbers``, and a finished file as many frames as its attributes promise (``n_frames``,
+    and ``total_fs`` / ``frame_interval_fs`` + 1); an :class:`InputError` names the file and the
+    numbers otherwise (e.g. an interrupted copy).
+    """
+    for name in ("numbers", "time_fs", "positions", "cell"):
+        if name not in f:
+            raise InputError(f"{path}: trajectory lacks dataset '{name}'")
+    lengths = {name: int(f[name].shape[0]) for name in FRAME_DATASETS if name in f and f[name].ndim}
+    if len(set(lengths.values())) > 1:
+        listed = ", ".join(f"{k} {v}" for k, v in lengths.items())
+        raise InputError(f"{path}: trajectory datasets hold different numbers of frames ({listed}); expected one each")
+    n = lengths["time_fs"]
+    n_atoms = int(f["numbers"].shape[0])
+    if f["positions"].ndim != 3 or f["positions"].shape[1:] != (n_atoms, 3):
+        raise InputError(
+            f"{path}: trajectory dataset 'positions' has shape {f['positions'].shape}, expected (frames, {n_atoms}, 3)"
+        )
+    promised = []
+    if "n_frames" in f.attrs:
+        expected = int(f.attrs["n_frames"])
+        promised.append((expected, f"its attribute n_frames promises {expected}"))
+    if "total_fs" in f.attrs and "frame_interval_fs" in f.attrs and float(f.attrs["frame_interval_fs"]) > 0:
+        total, every = float(f.attrs["total_fs"]), float(f.attrs["frame_interval_fs"])
+        expected = int(round(total / every)) + 1
+        promise = f"its attributes total_fs={total:g}, frame_interval_fs={every:g} promise {expected} (t = 0 included)"
+        promised.append((expected, promise))
+    for expected, promise in promised:
+        if n != expected:
+            raise InputError(f"{path}: trajectory holds {n} frames, {promise}; an interrupted copy? Copy or rerun it")
+    return n
+
+
 def read_frames(path: str | os.PathLike, start_fs: float | None = None, every_fs: float | None = None) -> list[Atoms]:
-    """Frames of a trajectory file as ASE Atoms (periodic), from ``start_fs`` on, every ``every_fs``."""
+    """Frames of a trajectory file as ASE Atoms (periodic), from ``start_fs`` on, every ``every_fs``.
+
+    The file is checked first (:func:`check_trajectory`)."""
+    from octastem.io import open_hdf5
+
     path = Path(path)
-    if not path.exists():
-        raise InputError(f"{path}: trajectory not found")
-    try:
-        f = h5py.File(path, "r")
-    except OSError as e:
-        raise InputError(f"{path}: not a readable HDF5 trajectory, truncated or corrupt ({e})") from e
-    with f:
-        for name in ("numbers", "time_fs", "positions", "cell"):
-            if name not in f:
-                raise InputError(f"{path}: trajectory lacks dataset '{name}'")
-        t = f["time_fs"][()]
-        sel = np.ones(len(t), bool)
-        if start_fs is not None:
-            sel &= t >= start_fs - 1e-6
-        if every_fs is not None:
-            t0 = t[sel][0] if sel.any() else 0.0
-            sel &= np.isclose(((t - t0) / every_fs) % 1.0, 0.0, atol=1e-6) | np.isclose(
-                ((t - t0) / every_fs) % 1.0, 1.0, atol=1e-6
-            )
-        idx = np.flatnonzero(sel)
-        if len(idx) == 0:
-            raise InputError(f"{path}: no frames at or after {start_fs} fs (trajectory ends at {t[-1]} fs)")
-        numbers = f["numbers"][()]
-        frames = []
-        for i in idx:
-            a = Atoms(numbers=numbers, positions=f["positions"][i], cell=f["cell"][i], pbc=True)
-            a.info["time_fs"] = float(t[i])
-            frames.append(a)
+    with open_hdf5(path, "trajectory", ", truncated or corrupt") as f:
+        check_trajectory(f, path)
+        try:
+            return _frames(f, path, start_fs, every_fs)
+        except OSError as e:  # the header was readable, a data block is not
+            raise InputError(f"{path}: trajectory data unreadable, truncated or corrupt ({e})") from e
+
+
+def _frames(f: h5py.File, path: Path, start_fs: float | None, every_fs: float | None) -> list[Atoms]:
+    t = f["time_fs"][()]
+    if len(t) == 0:
+        raise InputError(f"{path}: trajectory holds no frames")
+    sel = np.ones(len(t), bool)
+    if start_fs is not None:
+        sel &= t >= start_fs - 1e-6
+    if every_fs is not None:
+        t0 = t[sel][0] if sel.any() else 0.0
+        phase = ((t - t0) / every_fs) % 1.0
+        sel &= np.isclose(phase, 0.0, atol=1e-6) | np.isclose(phase, 1.0, atol=1e-6)
+    idx = np.flatnonzero(sel)
+    if len(idx) == 0:
+        raise InputError(f"{path}: no frames at or after {start_fs} fs (trajectory ends at {t[-1]} fs)")
+    numbers = f["numbers"][()]
+    frames = []
+    for i in idx:
+        a = Atoms(numbers=numbers, positions=f["positions"][i], cell=f["cell"][i], pbc=True)
+        a.info["time_fs"] = float(t[i])
+        frames.append(a)
     return frames

@@ -19,11 +19,15 @@ def md(
     potential: str,
     device: str,
     dtype: str,
+    trust_model_file: bool,
     threads: int = 1,
     model_path=None,
     **settings,
 ) -> None:
-    """MACE NPT MD of the structure; ``potential`` is a registry entry or a model file path."""
+    """MACE NPT MD of the structure; ``potential`` is a registry entry or a model file path.
+
+    A model file whose sha256 is recorded nowhere (the registry, resources/student/) is unpickled
+    only with ``trust_model_file`` (``md.trust_model_file``)."""
     from octastem.md import check_elements, load_mace_model, mace_calculator, run_npt
     from octastem.registry import resolve
     from octastem.structure import check_geometry
@@ -32,7 +36,7 @@ def md(
     check_geometry(atoms, name=str(structure_path))
     if model_path is None:
         model_path = resolve(potential)
-    model = load_mace_model(model_path, device=device, dtype=dtype)
+    model = load_mace_model(model_path, device=device, dtype=dtype, trust=trust_model_file)
     check_elements(atoms, model, name=str(structure_path))
     calc = mace_calculator(model, device=device, dtype=dtype, threads=threads)
     t0 = time.perf_counter()
@@ -95,8 +99,3 @@ def md_figures(*, analyses, systems: dict, outputs, series_output) -> None:
     for name, res, out in zip(systems, results, outputs, strict=True):
         plot_analysis(res, out, title=f"{name}: {systems[name]} FABr vacancies")
     plot_vacancy_series([systems[n] for n in systems], results, series_output)
-
-
-# ----------------------------------------------------------------------------------------------
-# images and 4D-STEM
-# ----------------------------------------------------------------------------------------------

@@ -21,41 +21,12 @@ def figure(*, image_path, table, output) -> None:
         plot_model(image, attrs["sampling_A"], df, tmp, title=f"{Path(output).stem} ({attrs['kind']})")
 
 
-def table1(
-    *,
-    fits,
-    md_summaries,
-    csv,
-    md_path,
-    html_path,
-    columns,
-    samples,
-    systems,
-    md,
-    stem,
-    structure,
-    method,
-    provenance_json=None,
-    seeds=None,
-) -> None:
+def table1(*, fits, md_summaries, csv, md_path, html_path, **settings) -> None:
+    """Table 1 from the fit summaries (:func:`octastem.report.write_table1`; ``settings``: columns, samples,
+    systems, md, stem, structure, method, provenance_json, seeds)."""
     from octastem.report import write_table1
 
-    df = write_table1(
-        csv,
-        md_path,
-        html_path,
-        columns,
-        fits,
-        samples,
-        method,
-        md_summaries,
-        md,
-        stem,
-        structure,
-        systems,
-        provenance_json=provenance_json,
-        seeds=seeds,
-    )
+    df = write_table1(csv, md_path, html_path, fit_paths=fits, md_summaries=md_summaries, **settings)
     log.info("Table 1:\n%s", df[["label", "median_ellipticity", "se_median", "n_columns"]].to_string())
 
 
@@ -63,8 +34,3 @@ def table1_plot(*, csv, output) -> None:
     from octastem.report import plot_table1
 
     plot_table1(csv, output)
-
-
-# ----------------------------------------------------------------------------------------------
-# CNN
-# ----------------------------------------------------------------------------------------------

@@ -11,19 +11,24 @@ from octastem import io
 log = logging.getLogger("octastem")
 
 
-def student_data(*, data, summary, reference: str, sampling: dict, driver=None, threads: int | None = None) -> None:
+def student_data(
+    *, data, summary, reference: str, sampling: dict, trust_model_file: bool, driver=None, threads: int | None = None
+) -> None:
     """Sample + label configurations into ``data`` (extxyz) and write a ``summary`` JSON.
 
     ``reference``: a registry entry or a model file; ``sampling``: one round of ``student.rounds``
     (``runs``: list of :class:`~octastem.md.student.SampleRun` fields, other
     :class:`~octastem.md.student.SampleSettings` fields; its ``epochs`` belong to training);
-    ``driver``: a student model that drives the MD (frames then labelled by the reference).
+    ``driver``: a student model that drives the MD (frames then labelled by the reference);
+    ``trust_model_file``: unpickle model files whose sha256 is recorded nowhere.
     """
     from octastem.md.student import machine, sample_configurations, sample_settings
     from octastem.registry import resolve
 
     settings = sample_settings(**{k: v for k, v in sampling.items() if k != "epochs"})
-    summ = sample_configurations(resolve(reference), data, settings, driver_path=driver, threads=threads)
+    summ = sample_configurations(
+        resolve(reference), data, settings, driver_path=driver, threads=threads, trust=trust_model_file
+    )
     summ["machine"] = machine()
     io.write_json(summary, summ)
 
@@ -38,6 +43,7 @@ def train_student(
     valid_fraction: float,
     test_fraction: float,
     split_seed: int,
+    trust_model_file: bool,
     warm_start=None,
     epochs: int | None = None,
     threads: int | None = None,
@@ -67,7 +73,7 @@ def train_student(
         valid_xyz,
         work,
         settings,
-        e0s=model_e0s(resolve(reference)),
+        e0s=model_e0s(resolve(reference), trust=trust_model_file),
         name=model.stem,
         threads=threads,
         log_path=log_path,
@@ -84,6 +90,7 @@ def validate_student(
     reference: str,
     md: dict | None,
     npt: dict | None,
+    trust_model_file: bool,
     md_dir=None,
     threads: int | None = None,
     n_timing_calls: int = 5,
@@ -99,10 +106,12 @@ def validate_student(
     ref = resolve(reference)
     test_xyz = Path(split) / "test.xyz"
     md_dir = Path(md_dir) if md_dir is not None else Path(validation).parent / "md_compare"
-    result = validate_model(model, ref, test_xyz, threads=threads, n_timing_calls=n_timing_calls)
+    trust = trust_model_file
+    result = validate_model(model, ref, test_xyz, threads=threads, n_timing_calls=n_timing_calls, trust=trust)
     if md is not None:
-        result["md"] = compare_md(model, ref, md_dir, threads=threads, **md)
+        result["md"] = compare_md(model, ref, md_dir, threads=threads, trust=trust, **md)
     if npt is not None:
-        result["npt_stability"] = npt_stability(model, ref, md_dir / "npt_stability", threads=threads, **npt)
+        npt_dir = md_dir / "npt_stability"
+        result["npt_stability"] = npt_stability(model, ref, npt_dir, threads=threads, trust=trust, **npt)
     result["machine"] = machine()
     io.write_json(validation, result)

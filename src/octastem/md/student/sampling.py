@@ -26,6 +26,8 @@ from octastem.rng import generator
 log = logging.getLogger("octastem")
 
 ENERGY_KEY, FORCES_KEY, STRESS_KEY = "REF_energy", "REF_forces", "REF_stress"
+#: The config key that lets the student rules unpickle a model file whose sha256 is recorded nowhere.
+TRUST_KEY = "student.trust_model_file"
 
 NPT_T_TAU_FS, NPT_P_TAU_FS = 100.0, 1000.0  # the study's thermostat and barostat time constants
 
@@ -81,10 +83,12 @@ def sample_settings(runs: list[dict] | None = None, **fields) -> SampleSettings:
     return SampleSettings(runs=runs, **fields)
 
 
-def _calculator(model_path, threads: int | None, device: str = "cpu", dtype: str = "float32"):
+def _calculator(model_path, threads: int | None, device: str = "cpu", dtype: str = "float32", *, trust: bool = False):
+    """A model file loaded (:func:`octastem.md.load_mace_model`: unpickled only when its sha256 is
+    recorded or ``trust`` is set) and its calculator."""
     from octastem.md.mlp import load_mace_model, mace_calculator
 
-    model = load_mace_model(model_path, device=device, dtype=dtype)
+    model = load_mace_model(model_path, device=device, dtype=dtype, trust=trust, trust_key=TRUST_KEY)
     return model, mace_calculator(model, device=device, dtype=dtype, threads=threads)
 
 
@@ -206,6 +210,7 @@ def sample_configurations(
     driver_path=None,
     threads: int | None = None,
     progress: bool = False,
+    trust: bool = False,
 ) -> dict:
     """Sample and label configurations; write them to ``output`` (extxyz). Returns a summary.
 
@@ -214,6 +219,7 @@ def sample_configurations(
     (equipartition brings the kinetic temperature to the target within tens of fs). With
     ``driver_path`` (a student model) the MD is driven by that model and every sampled frame is
     labelled by the reference afterwards, so each reference call yields one training frame.
+    ``trust``: unpickle model files whose sha256 is recorded nowhere (``student.trust_model_file``).
     """
     from ase.io import write
 
@@ -222,8 +228,8 @@ def sample_configurations(
     s = settings or SampleSettings(runs=default_runs())
     if not s.runs:
         raise InputError("student: no sampling runs given")
-    ref_model, ref_calc = _calculator(reference_path, threads)
-    drive_calc = ref_calc if driver_path is None else _calculator(driver_path, threads)[1]
+    ref_model, ref_calc = _calculator(reference_path, threads, trust=trust)
+    drive_calc = ref_calc if driver_path is None else _calculator(driver_path, threads, trust=trust)[1]
     rng = generator(s.seed, "student_sampling")
     frames: list[Atoms] = []
     n_ref_calls = 0

@@ -60,15 +60,18 @@ class StudentSettings:
     extra_args: list[str] = field(default_factory=list)
 
 
-def model_e0s(model_path) -> dict[int, float]:
+def model_e0s(model_path, *, trust: bool = False) -> dict[int, float]:
     """Isolated-atom energies (eV) stored in a MACE model, by atomic number.
 
     The student is trained with the reference's E0s so both predict total energies on one scale
-    and the student only learns the interaction part.
+    and the student only learns the interaction part. ``trust``: unpickle the file even if its
+    sha256 is recorded nowhere (``student.trust_model_file``).
     """
     from octastem.md.mlp import load_mace_model
 
-    model = load_mace_model(model_path, device="cpu")
+    from .sampling import TRUST_KEY
+
+    model = load_mace_model(model_path, device="cpu", trust=trust, trust_key=TRUST_KEY)
     e0 = model.atomic_energies_fn.atomic_energies.detach().cpu().numpy().reshape(-1)
     return {int(z): float(e) for z, e in zip(model.atomic_numbers.tolist(), e0, strict=True)}
 

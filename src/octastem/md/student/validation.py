@@ -102,17 +102,19 @@ def validate_student(
     threads: int | None = None,
     speed_reps=(2, 2, 2),
     n_timing_calls: int = 5,
+    trust: bool = False,
 ) -> dict:
     """Held-out errors of the student against the reference labels of ``test_xyz`` and the speed ratio.
 
     Speed: median time of one energy+forces+stress call on the ``speed_reps`` cubic cell, student
-    and reference interleaved in this process with ``threads`` threads.
+    and reference interleaved in this process with ``threads`` threads. ``trust``: unpickle model
+    files whose sha256 is recorded nowhere (``student.trust_model_file``).
     """
     from octastem.structure import build_fapbbr3
 
     frames = read_labelled(test_xyz)
-    _, stu = _calculator(student_path, threads)
-    _, ref = _calculator(reference_path, threads)
+    _, stu = _calculator(student_path, threads, trust=trust)
+    _, ref = _calculator(reference_path, threads, trust=trust)
     result = {"test_file": str(test_xyz), "student": str(student_path), "errors": errors(stu, frames)}
     atoms = build_fapbbr3(tuple(speed_reps))
     atoms.rattle(0.05, seed=1)
@@ -215,6 +217,7 @@ def compare_md(
     *,
     threads: int | None = None,
     potentials=("reference", "student"),
+    trust: bool = False,
     **settings,
 ) -> dict:
     """Same NPT MD (octastem.md.run_npt, same start and seed) with both potentials; structure statistics.
@@ -223,7 +226,7 @@ def compare_md(
     frame) or the ideal cubic ``reps`` cell. Trajectories go to ``out_dir/<potential>.h5``
     (resumable). Returns, per potential, the mean Pb-Br-Pb angle, Br perpendicular RMS
     displacement, mean temperature and lattice parameters over ``t >= analysis_start_fs``, and the
-    student-minus-reference differences.
+    student-minus-reference differences. ``trust``: as for :func:`validate_student`.
     """
     from ase.io import read
 
@@ -240,7 +243,7 @@ def compare_md(
     }
     run = _pick(s, "temperature_K timestep_fs total_fs frame_interval_fs T_tau_fs P_tau_fs seed")
     for name in potentials:
-        _, calc = _calculator(paths[name], threads)
+        _, calc = _calculator(paths[name], threads, trust=trust)
         traj = out_dir / f"{name}.h5"
         wall, frames = _run_md(atoms, calc, traj, s.analysis_start_fs, checkpoint_every=5, **run)
         result[name] = _md_statistics(traj, wall, frames, s.reps, s.analysis_start_fs)
@@ -295,7 +298,9 @@ def _stress_and_forces(picks: list[Atoms], ref, stu) -> dict:
     }
 
 
-def npt_stability(student_path, reference_path, out_dir, *, threads: int | None = None, **settings) -> dict:
+def npt_stability(
+    student_path, reference_path, out_dir, *, threads: int | None = None, trust: bool = False, **settings
+) -> dict:
     """Picosecond NPT of the pristine ``reps`` cell with the student: does its cell stay cubic?
 
     ``settings``: :class:`NPTCheckSettings` fields. Runs :func:`octastem.md.run_npt` (the production
@@ -306,7 +311,8 @@ def npt_stability(student_path, reference_path, out_dir, *, threads: int | None 
     ``n_stress_frames`` frames of that window the virial stress of the reference and of the student
     are compared (mean difference per Voigt component, GPa); a student whose cell wanders off shows
     a systematic difference there (the reference pulls back). The force RMSE on those frames
-    measures the student on the configurations it visits itself.
+    measures the student on the configurations it visits itself. ``trust``: as for
+    :func:`validate_student`.
     """
     from octastem.md.run import spread
     from octastem.structure import build_fapbbr3
@@ -315,13 +321,13 @@ def npt_stability(student_path, reference_path, out_dir, *, threads: int | None 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     traj = out_dir / "student_npt.h5"
-    _, stu = _calculator(student_path, threads)
+    _, stu = _calculator(student_path, threads, trust=trust)
     run = _pick(s, "temperature_K pressure_MPa timestep_fs total_fs frame_interval_fs seed")
     wall, frames = _run_md(build_fapbbr3(tuple(s.reps)), stu, traj, s.analysis_start_fs, **run)
     if len(frames) < 2:
         raise InputError(f"student npt check: fewer than 2 frames after analysis_start_fs={s.analysis_start_fs}")
     cell = _cell_statistics(frames, s.reps)
-    _, ref = _calculator(reference_path, threads)
+    _, ref = _calculator(reference_path, threads, trust=trust)
     return {
         "settings": {"reps": list(s.reps)}
         | _pick(s, "temperature_K pressure_MPa total_fs timestep_fs analysis_start_fs seed"),

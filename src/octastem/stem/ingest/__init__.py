@@ -4,12 +4,16 @@ One reader module per kind of file behind :func:`open_source`, which picks it fr
 for "auto", from the extension (:func:`guess_format`):
 
 - source: :class:`Source`, the lazily read 4D array every reader yields, and :data:`FORMATS`;
-- hdf5: generic HDF5 (dataset path given, or the only 4D dataset);
+- hdf5: generic HDF5 (dataset path given, or the only 4D dataset, or the only 3D frame stack;
+  external links followed, compressed datasets read with the filters of hdf5plugin);
+- arina: DECTRIS ARINA master file + data files (+ scan metadata file), found by :mod:`.hdf5`;
 - npy: NumPy ``.npy`` (memory mapped);
 - emd: EMD 1.0 (py4DSTEM/emdfile and Berkeley EMD, read with h5py; Velox EMD through rsciio);
-- rsciio: vendor formats through rosettasciio read lazily as dask arrays (Merlin ``.mib``, EMPAD
-  ``.xml`` + ``.raw``, and any other rosettasciio format that yields a 4D array, or a 3D stack of
-  frames with a configured scan shape);
+- mib: Quantum Detectors Merlin ``.mib`` (+ ``.hdr``) through rosettasciio, frame count, RAW
+  data and scan rows checked against the file;
+- rsciio: vendor formats through rosettasciio read lazily as dask arrays (EMPAD ``.xml`` +
+  ``.raw``, and any other rosettasciio format that yields a 4D array, or a 3D stack of frames
+  with a configured scan shape);
 - calibration: the calibration a file holds, in the internal names and units, merged with the
   configured fallback (:func:`resolve_calibration`);
 - stream: the chunked copy, counts to electrons, the data and dose checks, the output attributes.
@@ -24,7 +28,9 @@ Calibration comes from the file where it holds one (HDF5 attributes in the inter
 dimension vectors, rosettasciio axes and metadata), otherwise from the ``calibration`` mapping:
 ``energy_eV``, ``semiangle_mrad``, ``scan_step_A`` (or ``scan_step_x_A`` and ``scan_step_y_A``),
 ``k_sampling_mrad`` (or ``k_sampling_x_mrad`` and ``k_sampling_y_mrad``) and
-``scan_rotation_deg``; optional ``scan_shape`` (scan_y, scan_x) for 3D frame stacks.
+``scan_rotation_deg``; optional ``scan_shape`` (scan_y, scan_x) for 3D frame stacks. A frame stack
+fills the scan row by row and must hold exactly scan_y x scan_x frames; a scan shape the file
+records itself (4D arrays, Merlin rows, ARINA scan metadata) must agree with the configured one.
 """
 
 from __future__ import annotations
@@ -43,6 +49,7 @@ from octastem.io import InputError, atomic_path
 from .calibration import REQUIRED_CALIBRATION, resolve_calibration
 from .emd import is_emd, open_emd
 from .hdf5 import open_hdf5
+from .mib import open_mib
 from .npy import open_npy
 from .rsciio import open_rsciio
 from .source import FORMATS, Source
@@ -66,6 +73,10 @@ __all__ = [
     "open_source",
     "resolve_calibration",
 ]
+
+
+#: Formats stored as a directory (zarr stores through rosettasciio); any other directory is refused.
+DIRECTORY_FORMATS = (".zspy", ".zarr")
 
 
 def guess_format(path: Path, dataset: str | None = None) -> str:
@@ -100,10 +111,21 @@ def open_source(
         raise InputError(f"{path}: field 'fmt' = {fmt!r}; expected one of {FORMATS}")
     if not path.exists():
         raise InputError(f"{path}: file not found")
+    if path.is_dir() and path.suffix.lower() not in DIRECTORY_FORMATS:
+        files = sorted(p.name for p in path.iterdir() if p.is_file())
+        shown = ", ".join(files[:6]) + (f" ... ({len(files)} files)" if len(files) > 6 else "")
+        holds = f": it holds {shown}" if files else ""
+        raise InputError(f"{path}: is a directory; expected the data file itself (field 'path'){holds}")
+    if path.suffix.lower() == ".hdr" and path.with_suffix(".mib").is_file():
+        raise InputError(
+            f"{path}: the header file of a Merlin acquisition; expected its frames, {path.with_suffix('.mib').name}"
+        )
     if fmt == "auto":
         fmt = guess_format(path, dataset)
     if fmt == "hdf5":
-        ctx = open_hdf5(path, dataset, scan_shape)
+        ctx = open_hdf5(path, dataset, scan_shape, energy_eV)
+    elif fmt == "mib" or (fmt == "rsciio" and path.suffix.lower() == ".mib"):
+        ctx = open_mib(path, scan_shape, energy_eV)
     elif fmt == "npy":
         ctx = open_npy(path, scan_shape)
     elif fmt == "emd":
@@ -192,6 +214,7 @@ def ingest(
         "dose_configured_e_per_A2": dose_e_per_A2,
         "calibration": cal,
         "calibration_origin": cal_origin,
+        "reader_notes": src.notes,
         "chunk_rows": rows,
         "bytes_read": nbytes,
         "seconds": seconds,

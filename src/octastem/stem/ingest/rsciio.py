@@ -1,6 +1,7 @@
-"""Vendor formats through rosettasciio, read lazily as dask arrays: Merlin ``.mib``, EMPAD ``.xml``
-+ ``.raw``, Velox EMD and any other rosettasciio format that yields a 4D array (or a 3D stack of
-frames with a configured scan shape). Calibration from the axes and the HyperSpy metadata."""
+"""Vendor formats through rosettasciio, read lazily as dask arrays: EMPAD ``.xml`` + ``.raw``, Velox
+EMD and any other rosettasciio format that yields a 4D array (or a 3D stack of frames with a
+configured scan shape); Merlin ``.mib`` files are checked first by :mod:`.mib`. Calibration from
+the axes and the HyperSpy metadata."""
 
 from __future__ import annotations
 
@@ -40,8 +41,6 @@ def open_rsciio(path: Path, fmt: str, scan_shape, energy_eV: float | None) -> It
     """The first 4D signal of the file (or a 3D stack with ``scan_shape``), read lazily."""
     api = rsciio_api(path, fmt)
     kwargs: dict[str, Any] = {"lazy": True}
-    if fmt == "mib" and scan_shape is not None:
-        kwargs["navigation_shape"] = (int(scan_shape[1]), int(scan_shape[0]))  # rosettasciio order (x, y)
     try:
         signals = api.file_reader(str(path), **kwargs)
     except InputError:
@@ -62,13 +61,13 @@ def open_rsciio(path: Path, fmt: str, scan_shape, energy_eV: float | None) -> It
             f"{path}: field 'data' must be 4D (scan_y, scan_x, k_y, k_x); rosettasciio found arrays {shapes}"
         )
     data = chosen["data"]
-    cal = _signal_calibration(chosen, energy_eV)
+    cal = signal_calibration(chosen, energy_eV)
     chunks = getattr(data, "chunks", None)
     rows = int(chunks[0][0]) if chunks and np.ndim(data) == 4 else None
     yield array_source(path, data, fmt, scan_shape, cal, rows)
 
 
-def _signal_calibration(signal: dict, energy_eV: float | None) -> dict:
+def signal_calibration(signal: dict, energy_eV: float | None) -> dict:
     """Energy and semi-angle from the HyperSpy metadata, steps and k sampling from the axes of a 4D signal."""
     cal: dict = {}
     md = signal.get("metadata", {}) or {}

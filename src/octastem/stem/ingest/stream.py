@@ -164,6 +164,7 @@ def output_attrs(
         format=src.fmt,
         dataset=dataset,
         calibration_origin=cal_origin,
+        reader_notes=src.notes,
         counts_per_electron=float(counts_per_electron),
         dose_rtol=float(dose_rtol),
     )
