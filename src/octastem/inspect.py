@@ -31,7 +31,7 @@ from octastem.io import InputError
 from octastem.stem.average import detector_vectors
 from octastem.stem.ingest import REQUIRED_CALIBRATION, guess_format, open_source, resolve_calibration
 from octastem.stem.ingest.calibration import AXIS_PAIRS
-from octastem.stem.ingest.stream import check_chunk, check_source, chunk_rows
+from octastem.stem.ingest.stream import check_chunk, check_source, chunk_rows, read_rows
 
 #: Attributes of an internal 4D-STEM file worth reporting beside the calibration.
 RECORDED = ("dose_e_per_A2", "source", "intensity_unit", "counts_per_electron", "n_cells", "supercell", "format")
@@ -188,15 +188,7 @@ def _recorded(path: Path, fmt: str, dataset) -> dict | None:
 
 def _read(path: Path, src, r0: int, r1: int) -> np.ndarray:
     """Scan rows r0..r1 as float32, checked (finite, non-negative); a read failure names the rows."""
-    try:
-        raw = src.read(r0, r1)
-    except InputError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a read failure mid-file means a damaged file
-        raise InputError(
-            f"{path}: field 'data': reading scan rows {r0}..{r1 - 1} failed, file truncated or corrupt? "
-            f"({type(e).__name__}: {e})"
-        ) from e
+    raw = read_rows(path, src, r0, r1)
     chunk = np.asarray(raw, dtype=np.float32)
     check_chunk(path, chunk, r0)
     return chunk

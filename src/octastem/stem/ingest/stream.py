@@ -21,6 +21,19 @@ from .source import Source
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 
 
+
+def read_rows(path, src, r0: int, r1: int) -> np.ndarray:
+    """Scan rows r0..r1 of ``src`` as stored; a read failure is an InputError naming the file and rows."""
+    try:
+        return src.read(r0, r1)
+    except InputError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a read failure mid-file means a damaged file
+        raise InputError(
+            f"{path}: field 'data': reading scan rows {r0}..{r1 - 1} failed, file truncated or "
+            f"corrupt? ({type(e).__name__}: {e})"
+        ) from e
+
 def check_settings(path: Path, output: Path, counts_per_electron: float, dose_e_per_A2, dose_rtol: float) -> None:
     """Raise :class:`InputError` for a bad conversion, dose or tolerance, or an output that is the input."""
     if not (math.isfinite(counts_per_electron) and counts_per_electron > 0):
@@ -83,15 +96,7 @@ def copy_rows(path: Path, src: Source, ds, rows: int, counts_per_electron: float
     try:
         for r0 in range(0, ny, rows):
             r1 = min(ny, r0 + rows)
-            try:
-                raw = src.read(r0, r1)
-            except InputError:
-                raise
-            except Exception as e:  # noqa: BLE001 - a read failure mid-file means a damaged file
-                raise InputError(
-                    f"{path}: field 'data': reading scan rows {r0}..{r1 - 1} failed, file truncated or "
-                    f"corrupt? ({type(e).__name__}: {e})"
-                ) from e
+            raw = read_rows(path, src, r0, r1)
             nbytes += raw.nbytes
             chunk = raw.astype(np.float32, copy=not raw.flags.writeable or raw.dtype != np.float32)
             del raw
