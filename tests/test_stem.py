@@ -1,4 +1,4 @@
-"""Simulated 4D-STEM: normalisation, dose, symmetry, orientation and file round trip."""
+"""Simulated 4D-STEM: normalisation, dose, symmetry, orientation, file round trip, and PRISM against multislice."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 from ase import Atoms
 
 from octastem.io import STEM_ATTRS, InputError, read_4dstem, write_4dstem
-from octastem.stem import add_poisson_noise, center_of_mass, simulate_4dstem
+from octastem.stem import add_poisson_noise, build_nanocrystal, center_of_mass, icom, simulate_4dstem
+from octastem.stem.prism import interpolation_factors
 from octastem.structure import build_fapbbr3
 
 STEP = 0.3
@@ -115,3 +116,88 @@ def test_bad_settings():
         simulate_4dstem(atoms, scan_step_A=0.0, sampling_A=0.05, slice_thickness_A=1.0, **OPTICS)
     with pytest.raises(InputError, match="dose"):
         add_poisson_noise(np.ones((2, 2, 4, 4)), -1.0, 0.3, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# PRISM (stem.method = prism) against the plain multislice of the same finite specimen
+# ----------------------------------------------------------------------------------------------
+
+#: Stem4D fields a PRISM dataset must share with the multislice one (the pattern grid and calibration).
+CALIBRATION = (*STEM_ATTRS[:6], "scan_step_x_A", "scan_step_y_A", "k_sampling_x_mrad", "k_sampling_y_mrad")
+
+
+@pytest.fixture(scope="module")
+def crystal():
+    """A 2 x 2 x 2-cell nanocrystal (12 A) in a 15 A box, its scan settings (6 x 6 positions) and multislice."""
+    nc = build_nanocrystal([build_fapbbr3((1, 1, 1))], edge_A=12.0, vacuum_A=2.0, scan_cells=0.5, min_margin_A=0.0)
+    settings = {
+        **OPTICS,
+        "scan_step_A": 0.5,
+        "sampling_A": None,
+        "slice_thickness_A": 2.0,
+        "max_angle_mrad": 60.0,
+        "detector_sampling_mrad": 1.5,
+        "num_workers": 2,
+        "specimen": "finite",
+        "scan_start_A": nc.scan_start_A,
+        "scan_period_A": nc.scan_period_A,
+        "scan_periods": 0.5,
+    }
+    return nc.frames, settings, simulate_4dstem(nc.frames, method="multislice", **settings)
+
+
+def _largest_difference(a, b) -> float:
+    """Largest pixel difference of two datasets relative to the pattern's total intensity."""
+    diff = np.abs(a.data.astype(np.float64) - b.data)
+    return float((diff.max(axis=(2, 3)) / b.data.sum(axis=(2, 3))).max())
+
+
+def _same_grid(a, b) -> None:
+    assert a.data.shape == b.data.shape and a.scan_shape == b.scan_shape and a.cell_A == b.cell_A
+    for key in CALIBRATION:
+        assert getattr(a, key) == getattr(b, key), key
+    assert a.extra == b.extra
+
+
+def test_prism_without_interpolation_is_the_multislice(crystal):
+    # f = 1: the S-matrix holds every plane wave of the aperture on the box's k-lattice, so PRISM
+    # is exact; this checks the padding, normalisation, orientation and rebinning of the fast path
+    frames, settings, reference = crystal
+    prism = simulate_4dstem(frames, method="prism", prism_interpolation=1, **settings)
+    _same_grid(prism, reference)
+    assert _largest_difference(prism, reference) < 1e-6
+    assert json.loads(prism.provenance)["prism_interpolation"] == [1, 1]
+    assert "method" not in json.loads(reference.provenance)  # the default path's record is unchanged
+
+
+def test_prism_window_agrees_with_multislice(crystal):
+    # f = 2: a 7.5 A window; benchmarks/results/multislice.json has 4e-4 (13.7 A window) and 9e-4 (6.9 A)
+    # on a 36 A nanocrystal, with iCOM phase correlations above 0.99999
+    frames, settings, reference = crystal
+    prism = simulate_4dstem(frames, method="prism", prism_interpolation=2, **settings)
+    _same_grid(prism, reference)
+    largest = _largest_difference(prism, reference)
+    assert 1e-6 < largest <= 1e-3  # an approximation, within the accuracy target
+    assert np.allclose(prism.data.sum(axis=(2, 3)), reference.data.sum(axis=(2, 3)), atol=2e-3)
+    phase_prism, phase_reference = icom(prism)[0], icom(reference)[0]
+    assert np.corrcoef(phase_prism.ravel(), phase_reference.ravel())[0, 1] >= 0.999
+    record = json.loads(prism.provenance)
+    assert record["method"] == "prism" and record["prism_window_A"] == pytest.approx([L / 2 for L in prism.cell_A[:2]])
+
+
+def test_prism_settings():
+    # the window holds the probe's spread through the thickness (2 t alpha) plus the margin
+    assert interpolation_factors((41.2, 39.3, 34.8), None, 10.0, 25.0) == (3, 3)  # window >= 11.7 A
+    assert interpolation_factors((178.0, 178.0, 168.0), None, 10.0, 25.0) == (9, 9)  # window >= 18.4 A
+    assert interpolation_factors((8.0, 8.0, 8.0), None, 10.0, 25.0) == (1, 1)  # a box smaller than the window
+    assert interpolation_factors((41.2, 39.3, 34.8), 4, 10.0, 25.0) == (4, 4)
+    for bad in (0, 2.5, True):
+        with pytest.raises(InputError, match="prism_interpolation"):
+            interpolation_factors((41.2, 39.3, 34.8), bad, 10.0, 25.0)
+    with pytest.raises(InputError, match="prism_margin_A"):
+        interpolation_factors((41.2, 39.3, 34.8), None, 0.0, 25.0)
+    atoms = build_fapbbr3((1, 1, 1))
+    with pytest.raises(InputError, match="finite specimen"):
+        simulate_4dstem(atoms, method="prism", scan_step_A=0.3, sampling_A=0.05, slice_thickness_A=1.0, **OPTICS)
+    with pytest.raises(InputError, match="method"):
+        simulate_4dstem(atoms, method="bloch", scan_step_A=0.3, sampling_A=0.05, slice_thickness_A=1.0, **OPTICS)

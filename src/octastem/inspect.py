@@ -10,7 +10,7 @@ pattern, virtual bright-field (BF) and annular dark-field (ADF) images and the m
 pattern. :func:`write_outputs` saves them as PNG (plus the numbers as JSON), all or nothing.
 
 Virtual detectors: with the detector sampling and the semi-angle known they are those of the
-pipeline's template matching (:func:`octastem.stem.average.detector_vectors`: BF within the
+pipeline's template matching (:func:`octastem.stem.lattice.detector_vectors`: BF within the
 semi-angle, ADF beyond 1.2 x the semi-angle, optical axis at pixel (n_k // 2)); without them,
 the same definitions in detector pixels around the disk found in the mean pattern.
 """
@@ -28,7 +28,7 @@ import numpy as np
 
 from octastem import io
 from octastem.io import InputError
-from octastem.stem.average import detector_vectors
+from octastem.stem.lattice import detector_vectors
 from octastem.stem.ingest import REQUIRED_CALIBRATION, guess_format, open_source, resolve_calibration
 from octastem.stem.ingest.calibration import AXIS_PAIRS
 from octastem.stem.ingest.stream import check_chunk, check_source, chunk_rows, read_rows

@@ -28,7 +28,9 @@ rule simulate_4dstem:
 
 
 rule simulate_nanocrystal:
-    """Noise-free abTEM 4D-STEM of a cube nanocrystal cut from MD frames (one per frozen phonon), central scan."""
+    """Noise-free abTEM 4D-STEM of a cube nanocrystal cut from MD frames (one per frozen phonon), central scan.
+
+    Plain multislice or PRISM (stem.method)."""
     input:
         trajectory="results/md/{system}/trajectory.h5",
     output:
@@ -47,6 +49,9 @@ rule simulate_nanocrystal:
         scan_cells=config["stem"]["nanocrystal"]["scan_cells"],
         sampling_A=config["stem"]["nanocrystal"]["sampling_A"],
         detector_sampling_mrad=config["stem"]["nanocrystal"]["detector_sampling_mrad"],
+        method=config["stem"]["method"],
+        prism_interpolation=config["stem"]["prism_interpolation"],
+        prism_margin_A=config["stem"]["prism_margin_A"],
     log:
         "logs/simulate_nanocrystal/{system}.log",
     conda:
@@ -182,6 +187,9 @@ rule average:
         supercell=lambda wc: image_geometry_of(wc.sample),
         weights=config["average"]["weights"],
         image=config["average"]["image"],
+        # the structure model's lattice parameter (samples carry none of their own) and the tolerance
+        lattice_A=config["structure"]["a_A"],
+        lattice_tolerance=config["average"]["lattice_tolerance"],
     log:
         "logs/average/{sample}.log",
     conda:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -56,7 +57,8 @@ def simulate_nanocrystal(
     Each frozen-phonon configuration is a nanocrystal cut from a different frame (frames spread
     evenly over the window, as for the periodic cell); the scan covers ``scan_cells`` x
     ``scan_cells`` MD in-plane cells at the centre (:mod:`octastem.stem.nanocrystal`). ``optics`` go
-    to :func:`octastem.stem.simulate_4dstem` (``sampling_A=None``: coarsest anti-aliased grid).
+    to :func:`octastem.stem.simulate_4dstem` (``sampling_A=None``: coarsest anti-aliased grid;
+    ``method``: "multislice" or "prism" with ``prism_interpolation`` / ``prism_margin_A``).
     The nanocrystal frames are written to ``structure_output`` (extxyz, one frame each).
     """
     from ase.io import write
@@ -98,13 +100,18 @@ def simulate_nanocrystal(
         provenance_extra={"trajectory": str(trajectory), "times_fs": times, "nanocrystal_edge_A": list(nc.edge_A)},
         **optics,
     )
+    settings = json.loads(stem.provenance)
     log.info(
-        "%s: %s patterns of %s pixels (%.2f mrad), potential sampling %.4f A, %.1f s",
+        "%s: %s patterns of %s pixels (%.2f mrad), potential sampling %.4f A, %s%s, %.1f s",
         output,
         stem.scan_shape,
         list(stem.data.shape[2:]),
         stem.k_sampling_mrad,
         stem.extra["sampling_A"],
+        settings.get("method", "multislice"),
+        f" (interpolation {settings['prism_interpolation']}, window {settings['prism_window_A']} A)"
+        if "prism_window_A" in settings
+        else "",
         time.perf_counter() - t0,
     )
     stem.extra.update(
@@ -202,10 +209,23 @@ def ingest(
     io.write_json(summary, result)
 
 
-def average(*, input_path, output, summary, cell_shape, supercell, weights="nearest", image="adf") -> None:
+def average(
+    *,
+    input_path,
+    output,
+    summary,
+    cell_shape,
+    supercell,
+    weights="nearest",
+    image="adf",
+    lattice_A: float | None = None,
+    lattice_tolerance: float | None = None,
+) -> None:
     """Template-matching average of a scan onto one (super)cell (its extras: supercell, shape, steps).
 
-    ``cell_shape=None``: the positions per (super)cell recorded by a simulated scan.
+    ``cell_shape=None``: the positions per (super)cell recorded by a simulated scan. ``lattice_A``
+    (the config's structure.a_A) and ``lattice_tolerance``: the found lattice must agree with the
+    structure model, else an InputError names both and nothing is written.
     """
     from octastem.stem import average_file
 
@@ -216,8 +236,19 @@ def average(*, input_path, output, summary, cell_shape, supercell, weights="near
         supercell=tuple(supercell),
         weights=weights,
         image=image,
+        lattice_A=lattice_A,
+        lattice_tolerance=lattice_tolerance,
         progress=True,
     )
+    if lattice_A is not None:
+        log.info(
+            "%s: lattice periods %.3f A and %.3f A, %.1f %% at most from structure.a_A = %g A; cell angle %.1f deg",
+            input_path,
+            *result["lattice_periods_A"],
+            100 * result["lattice_deviation"],
+            lattice_A,
+            result["lattice_cell_angle_deg"],
+        )
     io.write_json(summary, result)
 
 
@@ -253,6 +284,3 @@ def reconstruct(
         source=stem.source,
         provenance=io.provenance(stem=str(input_path), method=method, sampling_A=sampling_A, weights=weights),
     )
-
-
-# ----------------------------------------------------------------------------------------------

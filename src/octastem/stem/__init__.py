@@ -6,6 +6,8 @@
   experiments;
 - ingest/: raw 4D-STEM files (HDF5, .npy, EMD, Merlin, EMPAD, other rosettasciio formats) -> the
   internal HDF5 format, streamed, one reader module per format;
+- lattice: virtual images, the Fourier lattice search of a crystalline scan, basis reduction and
+  the check against the structure model's lattice parameter;
 - average: template-matching average of a crystalline scan onto one (super)cell;
 - reconstruct: phase images by centre of mass, integrated COM and the CNN of :mod:`octastem.cnn`.
 
@@ -14,18 +16,9 @@ A dataset in memory is an :class:`octastem.io.Stem4D`, on disk the file of
 main function; the package attribute is the function.
 """
 
-from .average import (
-    IMAGES,
-    WEIGHTS,
-    CellAccumulator,
-    Lattice,
-    average_file,
-    average_to_cell,
-    detector_vectors,
-    find_lattice,
-    virtual_image,
-)
+from .average import WEIGHTS, CellAccumulator, average_file, average_to_cell
 from .ingest import FORMATS, ingest, open_source, resolve_calibration
+from .lattice import IMAGES, Lattice, check_lattice, detector_vectors, find_lattice, gauss_reduce, virtual_image
 from .nanocrystal import Nanocrystal, build_nanocrystal, fa_molecules
 from .reconstruct import (
     METHODS,
@@ -54,11 +47,13 @@ __all__ = [
     "average_to_cell",
     "build_nanocrystal",
     "center_of_mass",
+    "check_lattice",
     "detector_vectors",
     "electrons_per_position",
     "fa_molecules",
     "find_lattice",
     "fourier_upsample",
+    "gauss_reduce",
     "icom",
     "ingest",
     "integrate_gradient",

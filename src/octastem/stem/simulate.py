@@ -15,7 +15,9 @@ them. Two specimens:
   through vacuum would only defocus it). The potential is built once per frame and the scan
   runs in chunks of rows, each chunk's patterns rebinned (count preserving) onto the detector
   sampling ``detector_sampling_mrad``: a large box gives a fine native angular sampling
-  (lambda / box) that no detector has and that would not fit in memory.
+  (lambda / box) that no detector has and that would not fit in memory. ``method="prism"``
+  replaces the probe-by-probe multislice of a finite specimen by abTEM's PRISM
+  (:mod:`octastem.stem.prism`), with the same pattern grid, sampling and calibration.
 
 Patterns are stored (scan_y, scan_x, k_y, k_x) of odd size with the optical axis at the centre
 pixel (n_ky // 2, n_kx // 2); the diffraction axes are parallel to the scan axes
@@ -225,6 +227,9 @@ def simulate_4dstem(
     scan_periods: Sequence[float] | float = 1.0,
     detector_sampling_mrad: float | None = None,
     chunk_mb: float = 128.0,
+    method: str | None = None,
+    prism_interpolation: int | None = None,
+    prism_margin_A: float | None = None,
 ) -> Stem4D:
     """Multislice 4D-STEM of ``frames`` (frozen phonons) of a periodic cell or a finite specimen.
 
@@ -246,6 +251,14 @@ def simulate_4dstem(
     only) rebins the patterns onto this angular sampling (count preserving) when it is coarser
     than the native lambda / box; ``chunk_mb`` bounds the native patterns held at once.
 
+    ``method`` (finite specimens): "multislice" (one probe per position, the reference) or
+    "prism" (:mod:`octastem.stem.prism`: abTEM's S-matrix with interpolation factor
+    ``prism_interpolation`` f, the probe cropped to a window of box / f; None: the largest f
+    whose window holds the probe's spread through the specimen, 2 x thickness x semi-angle, plus
+    ``prism_margin_A``; the same patterns within the window's accuracy at a cost set by the
+    number of plane waves instead of positions). Unset, these take the ``stem`` defaults of the
+    config schema. A periodic cell is always simulated by multislice.
+
     The dataset carries ``cell_A`` (Lx, Ly, Lz of the simulated cell or box), ``scan_shape``
     (ny, nx), the steps ``scan_step_x_A`` / ``scan_step_y_A`` and the detector sampling
     ``k_sampling_x_mrad`` / ``k_sampling_y_mrad``; the scalar scan_step_A and k_sampling_mrad are
@@ -262,6 +275,7 @@ def simulate_4dstem(
 
     if specimen not in ("periodic", "finite"):
         raise InputError(f"stem: specimen must be 'periodic' or 'finite', got {specimen!r}")
+    method, prism = _method(method, {"interpolation": prism_interpolation, "margin_A": prism_margin_A}, specimen)
     if sampling_A is None:
         sampling_A = antialias_sampling_A(energy_eV, 2.0 * semiangle_mrad if max_angle_mrad is None else max_angle_mrad)
     _check_optics(energy_eV, semiangle_mrad, scan_step_A, sampling_A, slice_thickness_A)
@@ -289,18 +303,39 @@ def simulate_4dstem(
     }
     if specimen == "finite":
         settings["detector_sampling_mrad"] = detector_sampling_mrad
-
-    probe = abtem.Probe(energy=energy_eV, semiangle_cutoff=semiangle_mrad, defocus=defocus_A)
-    detector = abtem.PixelatedDetector(max_angle=max_angle_mrad)
-    potential = {"slice_thickness_A": slice_thickness_A, "parametrization": parametrization}
-    if specimen == "periodic":
-        patterns, k_sampling = _scan_periodic(abtem, scan, probe, detector, potential, _workers(num_workers), progress)
+    angles = {"wavelength_A": wavelength_A, "max_angle_mrad": max_angle_mrad, "sampling": detector_sampling_mrad}
+    workers = _workers(num_workers)
+    if method == "prism":
+        patterns, k_sampling = _scan_prism(abtem, scan, settings, prism, angles, chunk_mb, workers, progress)
     else:
-        angles = {"wavelength_A": wavelength_A, "max_angle_mrad": max_angle_mrad, "sampling": detector_sampling_mrad}
-        patterns, k_sampling = _scan_finite(
-            abtem, scan, probe, detector, potential, angles, chunk_mb, _workers(num_workers), progress
-        )
+        probe = abtem.Probe(energy=energy_eV, semiangle_cutoff=semiangle_mrad, defocus=defocus_A)
+        detector = abtem.PixelatedDetector(max_angle=max_angle_mrad)
+        potential = {"slice_thickness_A": slice_thickness_A, "parametrization": parametrization}
+        if specimen == "periodic":
+            patterns, k_sampling = _scan_periodic(abtem, scan, probe, detector, potential, workers, progress)
+        else:
+            patterns, k_sampling = _scan_finite(
+                abtem, scan, probe, detector, potential, angles, chunk_mb, workers, progress
+            )
     return _dataset(scan, patterns, k_sampling, settings, float(np.mean(sim_sampling)), source, provenance_extra)
+
+
+def _scan_prism(
+    abtem, scan: _Scan, settings: dict, prism: dict, angles: dict, chunk_mb: float, num_workers: int, progress: bool
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """PRISM patterns of a finite specimen (:mod:`octastem.stem.prism`); records its settings in ``settings``.
+
+    ``prism``: interpolation (None or an integer) and margin_A. Only this path records ``method``,
+    so the provenance of the default multislice path stays as it was.
+    """
+    from octastem.stem.prism import interpolation_factors, scan_finite_prism
+
+    factors = interpolation_factors(scan.lengths, semiangle_mrad=settings["semiangle_mrad"], **prism)
+    settings.update(method="prism", prism_interpolation=list(factors))
+    settings["prism_window_A"] = [float(length / f) for length, f in zip(scan.lengths[:2], factors)]
+    optics = {key: settings[key] for key in ("energy_eV", "semiangle_mrad", "defocus_A")}
+    potential = {key: settings[key] for key in ("slice_thickness_A", "parametrization")}
+    return scan_finite_prism(abtem, scan, optics, potential, angles, factors, chunk_mb, num_workers, progress)
 
 
 def _dataset(
@@ -379,6 +414,20 @@ def _check_optics(
     ):
         if not (np.isfinite(value) and value > 0):
             raise InputError(f"stem: {key} must be a positive number, got {value}")
+
+
+def _method(method: str | None, prism: dict, specimen: str) -> tuple[str, dict]:
+    """The scan method and the PRISM settings (interpolation, margin_A), schema defaults where unset."""
+    from octastem.config import schema_defaults
+
+    defaults = schema_defaults("stem")
+    method = defaults["method"] if method is None else method
+    prism = {key: defaults[f"prism_{key}"] if value is None else value for key, value in prism.items()}
+    if method not in ("multislice", "prism"):
+        raise InputError(f"stem: method must be 'multislice' or 'prism', got {method!r}")
+    if method == "prism" and specimen != "finite":
+        raise InputError("stem: method 'prism' applies to a finite specimen; a periodic cell uses 'multislice'")
+    return method, prism
 
 
 def _periodic_scan(frames, sampling_A: float, scan_start_A, scan_period_A, detector_sampling_mrad) -> _Scan:
@@ -469,6 +518,18 @@ def _scan_periodic(
     return patterns, tuple(float(s) for s in measurement.angular_sampling)  # (kx, ky) in mrad
 
 
+def _output_sampling(scan: _Scan, angles: dict) -> tuple[float, float]:
+    """Detector sampling (k_x, k_y) mrad of a finite specimen's patterns: ``angles["sampling"]``, or the
+    native lambda / box where that is finer (``angles``: wavelength_A and the detector ``sampling`` or None)."""
+    native = [1e3 * angles["wavelength_A"] / float(scan.lengths[i]) for i in range(2)]
+    detector_sampling_mrad = angles["sampling"]
+    if detector_sampling_mrad is None:
+        return native[0], native[1]
+    if not (np.isfinite(detector_sampling_mrad) and detector_sampling_mrad > 0):
+        raise InputError(f"stem: detector_sampling_mrad must be a positive number, got {detector_sampling_mrad}")
+    return max(float(detector_sampling_mrad), native[0]), max(float(detector_sampling_mrad), native[1])
+
+
 def _scan_finite(
     abtem, scan: _Scan, probe, detector, potential: dict, angles: dict, chunk_mb: float, num_workers: int, progress
 ) -> tuple[np.ndarray, tuple[float, float]]:
@@ -481,15 +542,9 @@ def _scan_finite(
     from tqdm.auto import tqdm
 
     frames, start, steps = scan.frames, scan.start, scan.steps
-    wavelength_A, max_angle_mrad = angles["wavelength_A"], angles["max_angle_mrad"]
-    detector_sampling_mrad = angles["sampling"]
-    native = [1e3 * wavelength_A / float(scan.lengths[i]) for i in range(2)]  # (kx, ky) mrad per pixel
-    if detector_sampling_mrad is not None:
-        if not (np.isfinite(detector_sampling_mrad) and detector_sampling_mrad > 0):
-            raise InputError(f"stem: detector_sampling_mrad must be a positive number, got {detector_sampling_mrad}")
-        k_out = tuple(max(float(detector_sampling_mrad), dk) for dk in native)
-    else:
-        k_out = tuple(native)
+    max_angle_mrad = angles["max_angle_mrad"]
+    native = [1e3 * angles["wavelength_A"] / float(scan.lengths[i]) for i in range(2)]  # (kx, ky) mrad per pixel
+    k_out = _output_sampling(scan, angles)
     nx, ny = scan.n_scan
     n_k_native = [2 * int(max_angle_mrad / dk) + 2 for dk in native]
     rows = max(1, int(chunk_mb * 2**20 // (4 * nx * n_k_native[0] * n_k_native[1])))
