@@ -28,6 +28,7 @@ DOWNSTREAM_OF_MD = {
     "reconstruct",
     "fit_stem",
     "fit_md",
+    "md_statistics",
     "figure",
     "table1",
     "table1_plot",

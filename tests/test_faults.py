@@ -27,8 +27,8 @@ import pytest
 
 TRAJECTORY = "results/md/pristine/trajectory.h5"
 PARTIAL = TRAJECTORY + ".partial"
-FIT = ("results/fit/md_pristine.csv", "results/fit/md_pristine.json")
-FIGURE = "results/report/figures/md_pristine.png"
+FIT = ("results/fit/md_pristine_z.csv", "results/fit/md_pristine_z.json")
+FIGURE = "results/report/figures/md_pristine_z.png"
 
 
 def start(cmd, log):
@@ -104,7 +104,7 @@ def faulted(tmp_path_factory, reference_model_path, snakemake_cmd, run_snakemake
 
     # 2. fit: kill the fit job only, Snakemake survives and cleans up
     proc = start(snakemake_cmd(work, FIT[1]), work / "fit-killed.log")
-    log = work / "logs/fit/md_pristine.log"
+    log = work / "logs/fit/md_pristine_z.log"
     wait_for(proc, lambda: log.exists() and job_processes(proc, "fit.py"), "the fit job")
     for p in job_processes(proc, "fit.py"):
         p.send_signal(signal.SIGKILL)
@@ -115,7 +115,7 @@ def faulted(tmp_path_factory, reference_model_path, snakemake_cmd, run_snakemake
 
     # 3. report: kill Snakemake together with a figure job
     proc = start(snakemake_cmd(work, FIGURE), work / "figure-killed.log")
-    log = work / "logs/report/figure_md_pristine.log"
+    log = work / "logs/report/figure_md_pristine_z.log"
     wait_for(proc, lambda: log.exists() and job_processes(proc, "figure.py"), "the figure job")
     kill_group(proc)
     notes["figure_after_kill"] = (work / FIGURE).read_bytes() if (work / FIGURE).exists() else None

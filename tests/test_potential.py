@@ -136,3 +136,43 @@ def test_sheared_cell_rejected():
         to_common_cell(atoms, atoms.cell[:])
     with pytest.raises(InputError, match="no frames"):
         projected_potential([])
+
+
+def test_projection_axes_are_cyclic_views():
+    # one Pb atom at (1, 2, 3) in a 6 x 7 x 8 cell: along x the image axes are (y, z), along y (z, x)
+    atoms = Atoms("Pb", positions=[(1.0, 2.0, 3.0)], cell=[6.0, 7.0, 8.0], pbc=True)
+    for axis, (lx, ly), (px, py) in (
+        ("x", (7.0, 8.0), (2.0, 3.0)),
+        ("y", (8.0, 6.0), (3.0, 1.0)),
+        ("z", (6.0, 7.0), (1.0, 2.0)),
+    ):
+        image, sampling, cell_xy = projected_potential(atoms, sampling_A=0.1, axis=axis)
+        assert cell_xy == pytest.approx((lx, ly))
+        assert image.shape == (round(ly / 0.1), round(lx / 0.1))
+        assert np.unravel_index(np.argmax(image), image.shape) == (round(py / 0.1), round(px / 0.1))
+    with pytest.raises(InputError, match="axis"):
+        projected_potential(atoms, axis="w")
+
+
+def test_cubic_cell_gives_the_same_view_along_every_axis():
+    # an ideal cubic perovskite cell with a spherical A site: the three projections are identical
+    views = [projected_potential(framework(), sampling_A=0.2, axis=a)[0] for a in "xyz"]
+    for v in views[:2]:
+        assert np.allclose(v, views[2], rtol=1e-5, atol=1e-5 * views[2].max())
+
+
+def test_time_blocks_average_to_the_image():
+    base = framework()
+    frames = []
+    for k in range(5):
+        f = base.copy()
+        f.positions[1] += (0.0, 0.1 * k, 0.0)
+        frames.append(f)
+    image, _, _, (means, counts) = projected_potential(frames, sampling_A=0.2, n_blocks=2)
+    assert counts.tolist() == [3, 2]
+    assert means.shape == (2, *image.shape)
+    assert np.allclose((means * counts[:, None, None]).sum(0) / 5, image, rtol=1e-5, atol=1e-5 * image.max())
+    first = projected_potential(frames[:3], sampling_A=0.2)[0]
+    assert np.allclose(means[0], first, rtol=1e-5, atol=1e-5 * first.max())
+    with pytest.raises(InputError, match="time blocks"):
+        projected_potential(frames, sampling_A=0.2, n_blocks=6)

@@ -14,7 +14,7 @@ from octastem.io import Stem4D, write_4dstem
 
 REPO = Path(__file__).resolve().parents[1]
 OWN_DATA = REPO / "config" / "own_data.yaml"
-MD_JOBS = {"structure", "md", "md_analysis", "snapshot_potential", "fit_md", "md_figures"}
+MD_JOBS = {"structure", "md", "md_analysis", "snapshot_potential", "fit_md", "md_statistics", "md_figures"}
 STEM_JOBS = {"simulate_4dstem", "simulate_nanocrystal", "dose", "dose_nanocrystal", "ingest", "average", "reconstruct"}
 
 
@@ -39,7 +39,13 @@ def test_full_dag_makes_table1(tiny_run):
     assert list(table["simulated"]) == [True, True, True, True]
     md = (tiny_run / "results/report/table1.md").read_text()
     assert "SIMULATED" in md and "reference_mace" in md
-    for name in ("table1", "low_dose_icom", "increased_dose_icom", "md_pristine", "md_FABr_vac1"):
+    for name in (
+        "table1",
+        "low_dose_icom",
+        "increased_dose_icom",
+        *(f"md_{system}_{axis}" for system in ("pristine", "FABr_vac1") for axis in "xyz"),
+        "convergence_pristine",
+    ):
         png = tiny_run / f"results/report/figures/{name}.png"
         assert png.stat().st_size > 5000, png
     # nothing half-written left behind
@@ -55,7 +61,7 @@ def test_nothing_left_to_do(tiny_run, run_snakemake, planned_jobs):
 def test_fit_change_replans_only_fit_and_report(tiny_run, run_snakemake, variant, planned_jobs):
     cfg = variant(tiny_run, "fit_window", fit={"window_A": 6.5})
     jobs = planned_jobs(run_snakemake(tiny_run, "-n", configfile=cfg))
-    assert set(jobs) == {"fit_md", "fit_stem", "figure", "table1", "table1_plot", "all"}
+    assert set(jobs) == {"fit_md", "md_statistics", "fit_stem", "figure", "table1", "table1_plot", "all"}
 
 
 @pytest.mark.slow
@@ -237,7 +243,8 @@ def test_md_only_config_plans_no_4dstem(tmp_path, run_snakemake, planned_jobs):
     path.write_text(yaml.safe_dump(cfg))
     jobs = planned_jobs(run_snakemake(tmp_path, "-n", configfile=path))
     assert MD_JOBS <= set(jobs) and not STEM_JOBS & set(jobs) and "fit_stem" not in jobs
-    assert jobs["fit_md"] == 2 and jobs["figure"] == 2 and jobs["table1"] == 1
+    # three projections of each of the 2 systems, pooled per system
+    assert jobs["fit_md"] == 6 and jobs["md_statistics"] == 2 and jobs["figure"] == 6 and jobs["table1"] == 1
 
 
 def _fit_summary(path, n, median=1.1, se=0.02):

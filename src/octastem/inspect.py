@@ -28,10 +28,10 @@ import numpy as np
 
 from octastem import io
 from octastem.io import InputError
-from octastem.stem.lattice import detector_vectors
 from octastem.stem.ingest import REQUIRED_CALIBRATION, guess_format, open_source, resolve_calibration
 from octastem.stem.ingest.calibration import AXIS_PAIRS
 from octastem.stem.ingest.stream import check_chunk, check_source, chunk_rows, read_rows
+from octastem.stem.lattice import detector_vectors
 
 #: Attributes of an internal 4D-STEM file worth reporting beside the calibration.
 RECORDED = ("dose_e_per_A2", "source", "intensity_unit", "counts_per_electron", "n_cells", "supercell", "format")

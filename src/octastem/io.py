@@ -296,11 +296,29 @@ def read_4dstem(path: str | os.PathLike) -> Stem4D:
 # ----------------------------------------------------------------------------------------------
 
 
-def write_image(path: str | os.PathLike, image: np.ndarray, sampling_A: float, kind: str, **attrs: Any) -> None:
-    """Write a 2D image (y, x) as float32 with its sampling (A/pixel), kind and attributes."""
+def write_image(
+    path: str | os.PathLike,
+    image: np.ndarray,
+    sampling_A: float,
+    kind: str,
+    blocks: tuple[np.ndarray, np.ndarray] | None = None,
+    **attrs: Any,
+) -> None:
+    """Write a 2D image (y, x) as float32 with its sampling (A/pixel), kind and attributes.
+
+    ``blocks``: optional ``(means, counts)``, the (n, y, x) images of which ``image`` is the
+    count-weighted mean (time blocks of MD snapshots), stored as dataset ``blocks`` with
+    attribute ``counts`` (:func:`read_image_blocks`)."""
     image = np.asarray(image, dtype=np.float32)
     if image.ndim != 2:
         raise InputError(f"{path}: field 'image' must be 2D (y, x), got shape {image.shape}")
+    if blocks is not None:
+        means, counts = np.asarray(blocks[0], dtype=np.float32), np.asarray(blocks[1], dtype=np.int64)
+        if means.ndim != 3 or means.shape[1:] != image.shape or counts.shape != (means.shape[0],):
+            raise InputError(
+                f"{path}: field 'blocks' must be (n, {image.shape[0]}, {image.shape[1]}) with n counts, "
+                f"got {means.shape} and {counts.shape}"
+            )
     attrs.setdefault("provenance", provenance())
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         ds = f.create_dataset("image", data=image)
@@ -308,6 +326,28 @@ def write_image(path: str | os.PathLike, image: np.ndarray, sampling_A: float, k
         ds.attrs["kind"] = kind
         for k, v in attrs.items():
             ds.attrs[k] = v
+        if blocks is not None:
+            f.create_dataset("blocks", data=means).attrs["counts"] = counts
+
+
+def read_image_blocks(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
+    """The time-block images ``(means (n, y, x), counts (n,))`` of an image file written with
+    ``blocks``; InputError naming the file when it has none or they are damaged."""
+    path = Path(path)
+    with open_hdf5(path, "image file", ", truncated or corrupt") as f:
+        if "blocks" not in f or "counts" not in f["blocks"].attrs:
+            raise InputError(f"{path}: no dataset 'blocks' with attribute 'counts' (time-block images)")
+        ds = f["blocks"]
+        try:
+            means, counts = ds[()], np.asarray(ds.attrs["counts"], dtype=np.int64)
+        except OSError as e:
+            raise InputError(f"{path}: dataset 'blocks' unreadable, truncated or corrupt ({e})") from e
+        shape = f["image"].shape if "image" in f else None
+    if means.ndim != 3 or counts.shape != (means.shape[0],) or (shape is not None and means.shape[1:] != shape):
+        raise InputError(f"{path}: dataset 'blocks' has shape {means.shape} and {counts.shape} counts, image {shape}")
+    if np.any(counts < 1):
+        raise InputError(f"{path}: dataset 'blocks' has a block of {counts.min()} frames (need >= 1)")
+    return means, counts
 
 
 def read_image(path: str | os.PathLike) -> tuple[np.ndarray, dict]:

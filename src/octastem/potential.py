@@ -1,9 +1,16 @@
-"""Projected electrostatic potential of MD snapshots along [001] (beam along z), with abTEM.
+"""Projected electrostatic potential of MD snapshots along a cell axis, with abTEM.
 
 The "snapshot potential" of the study: the projected potential of one MD snapshot every 50 fs,
 averaged over the snapshots. Frames of an NPT run have slightly fluctuating, nearly orthorhombic
 cells; every frame is mapped onto one common orthorhombic cell (same scaled positions) so all
 images share one grid.
+
+The MD cell is cubic on average, so the projections along x, y and z ([100], [010], [001]) are
+three views of the same network; ``axis`` picks one by a cyclic permutation of the coordinates
+(beam along x: image axes (y, z); along y: (z, x); along z: (x, y)), which keeps the frame
+right-handed and maps the perovskite's columns onto the same sites of the structure model.
+The frames can be averaged in consecutive time blocks as well (:func:`projected_potential`'s
+``n_blocks``): the block images are what a block bootstrap over time resamples.
 
 Image convention (whole project): images are numpy arrays (y, x); pixel (iy, ix) is the
 real-space position (x = ix * sampling, y = iy * sampling) in the periodic cell, starting at 0,
@@ -99,18 +106,52 @@ def common_frames(frames: Atoms | Sequence[Atoms], name: str = "frames") -> tupl
     return [to_common_cell(f, cell) for f in frames], lengths
 
 
+#: Beam axes and the cyclic permutation of (x, y, z) that puts each along z.
+AXES = {"x": (1, 2, 0), "y": (2, 0, 1), "z": (0, 1, 2)}
+
+
+def along_axis(atoms: Atoms, axis: str) -> Atoms:
+    """Copy of orthorhombic ``atoms`` with the beam ``axis`` ("x", "y" or "z") turned onto z by a
+    cyclic permutation of the coordinates and cell lengths (right-handed; "z" returns a copy)."""
+    if axis not in AXES:
+        raise InputError(f"potential: axis must be one of {sorted(AXES)}, got {axis!r}")
+    order = list(AXES[axis])
+    out = atoms.copy()
+    out.calc = None
+    lengths = np.linalg.norm(np.asarray(atoms.cell[:], dtype=float), axis=1)
+    out.set_cell(np.diag(lengths[order]), scale_atoms=False)
+    out.set_positions(atoms.get_positions()[:, order])
+    out.pbc = True
+    return out
+
+
+def block_slices(n_frames: int, n_blocks: int) -> list[slice]:
+    """``n_blocks`` consecutive, nearly equal blocks of ``n_frames`` frames (the first ones one
+    longer when it does not divide); InputError unless 1 <= n_blocks <= n_frames."""
+    if not 1 <= int(n_blocks) <= int(n_frames):
+        raise InputError(f"potential: {n_blocks} time blocks asked for {n_frames} frames (need 1 to {n_frames})")
+    edges = np.cumsum([0] + [len(b) for b in np.array_split(np.arange(n_frames), int(n_blocks))])
+    return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
 def projected_potential(
     frames: Atoms | Sequence[Atoms],
     sampling_A: float = 0.05,
     slice_thickness_A: float | None = None,
     parametrization: str = "lobato",
     progress: bool | None = None,
-) -> tuple[np.ndarray, float, tuple[float, float]]:
-    """Frame-averaged projected potential along z (eV*A, abTEM units) of ``frames``.
+    axis: str = "z",
+    n_blocks: int | None = None,
+):
+    """Frame-averaged projected potential along ``axis`` (eV*A, abTEM units) of ``frames``.
 
     Returns ``(image, sampling_A_actual, (Lx, Ly))``: ``image`` float32 (y, x) spanning the
-    common in-plane cell exactly; ``sampling_A_actual`` (A/pixel) is the mean of the x and y
-    spacings Lx/nx and Ly/ny (equal for a square cell; each at most ``sampling_A``).
+    common in-plane cell exactly (for ``axis`` "x" the image axes are (y, z), for "y" (z, x), see
+    :func:`along_axis`); ``sampling_A_actual`` (A/pixel) is the mean of the two in-plane
+    spacings (equal for a square cell; each at most ``sampling_A``). With ``n_blocks`` a fourth
+    item follows: the (n_blocks, ny, nx) float32 means of consecutive time blocks of the frames
+    (:func:`block_slices`) and their frame counts, ``(blocks, counts)``; the image is their
+    count-weighted mean.
 
     ``slice_thickness_A=None`` puts the whole cell into one slice: with abTEM's infinite
     projection integrals the projection is the sum of the atoms' projected potentials whatever
@@ -123,6 +164,8 @@ def projected_potential(
     from tqdm.auto import tqdm
 
     frames, lengths = common_frames(frames)
+    frames = [along_axis(f, axis) for f in frames]
+    lengths = lengths[list(AXES[axis])]
     gpts = grid_gpts(lengths[:2], sampling_A)
     thickness = float(lengths[2]) if slice_thickness_A is None else float(slice_thickness_A)
     if not thickness > 0:
@@ -130,17 +173,27 @@ def projected_potential(
     if progress is None:
         progress = len(frames) > 10
 
-    total = np.zeros(gpts, dtype=np.float64)
-    for atoms in tqdm(frames, desc="projected potential", unit="frame", disable=not progress):
-        pot = abtem.Potential(
-            atoms,
-            gpts=gpts,
-            slice_thickness=thickness,
-            parametrization=parametrization,
-            projection="infinite",
-        )
-        image = pot.project().compute(scheduler="synchronous", progress_bar=False)
-        total += np.asarray(image.array, dtype=np.float64)
-    mean = (total / len(frames)).T  # abTEM (x, y) -> (y, x)
+    blocks = block_slices(len(frames), 1 if n_blocks is None else n_blocks)
+    sums = np.zeros((len(blocks), *gpts), dtype=np.float64)
+    bar = tqdm(total=len(frames), desc=f"projected potential along {axis}", unit="frame", disable=not progress)
+    for b, block in enumerate(blocks):
+        for atoms in frames[block]:
+            pot = abtem.Potential(
+                atoms,
+                gpts=gpts,
+                slice_thickness=thickness,
+                parametrization=parametrization,
+                projection="infinite",
+            )
+            image = pot.project().compute(scheduler="synchronous", progress_bar=False)
+            sums[b] += np.asarray(image.array, dtype=np.float64)
+            bar.update(1)
+    bar.close()
+    counts = np.array([blk.stop - blk.start for blk in blocks])
+    mean = (sums.sum(axis=0) / len(frames)).T  # abTEM (x, y) -> (y, x)
     sampling = 0.5 * (lengths[0] / gpts[0] + lengths[1] / gpts[1])
-    return mean.astype(np.float32), float(sampling), (float(lengths[0]), float(lengths[1]))
+    out = (mean.astype(np.float32), float(sampling), (float(lengths[0]), float(lengths[1])))
+    if n_blocks is None:
+        return out
+    block_means = (sums / counts[:, None, None]).transpose(0, 2, 1).astype(np.float32)
+    return (*out, (block_means, counts))

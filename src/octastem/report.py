@@ -2,7 +2,11 @@
 
 The columns are exactly those the config lists: 4D-STEM samples, MD systems or both; the notes
 describe only what the table rests on (no MD note without MD systems), and warn for every entry
-that rests on fewer than :data:`MIN_COLUMNS` Br columns.
+that rests on fewer than :data:`MIN_COLUMNS` Br columns. The comparisons the study makes follow
+the table (:func:`comparisons`): each 4D-STEM column against the MD column of the system it was
+simulated from, and each system with vacancies against the pristine one, with the combined
+standard error and whether the difference exceeds 2 SE; for MD columns, the values of each
+projection and the convergence with the analysis window (:mod:`octastem.fit.pooled`).
 """
 
 from __future__ import annotations
@@ -50,6 +54,10 @@ def build_table1(columns: list[dict], fit_paths: list, samples: dict, method: st
             "se_median": br["se"],
             "se_method": br.get("se_method", ""),
             "n_columns": br["n"],
+            "per_axis": "; ".join(
+                f"{axis}: {v['median_ellipticity']:.3f} ± {v['se']:.3f} (n = {v['n']})"
+                for axis, v in br.get("by_axis", {}).items()
+            ),
         }
         if "sample" in col:
             s = samples[col["sample"]]
@@ -79,7 +87,84 @@ def cell_text(median: float, se: float) -> str:
     return f"{median:.3f} ± {se:.3f}"
 
 
-def table1_markdown(df: pd.DataFrame, notes: list[str]) -> str:
+#: A difference is called significant when it exceeds this many combined standard errors.
+SIGNIFICANCE_SE = 2.0
+
+
+def comparisons(df: pd.DataFrame, columns: list[dict], samples: dict, systems: dict) -> pd.DataFrame:
+    """The differences the study's question needs, from the Table 1 rows ``df``:
+
+    - each 4D-STEM column simulated from an MD system minus the MD column of that system;
+    - each MD system with FABr vacancies minus the pristine system (0 vacancies), when both are columns.
+
+    Columns: a, b (labels), difference (a - b), se (combined, sqrt(se_a^2 + se_b^2): independent
+    data), z = difference / se, significant (|z| > :data:`SIGNIFICANCE_SE`)."""
+    md_row = {col["system"]: i for i, col in enumerate(columns) if "system" in col}
+    pristine = [i for name, i in md_row.items() if systems.get(name) == 0]
+    pairs = []
+    for i, col in enumerate(columns):
+        if "sample" in col:
+            system = samples[col["sample"]].get("system")
+            if "raw" not in samples[col["sample"]] and system in md_row:
+                pairs.append((i, md_row[system], "4D-STEM vs MD of the same system"))
+        elif systems.get(col["system"], 0) > 0 and pristine:
+            pairs.append((i, pristine[0], "vacancies vs pristine (MD)"))
+    rows = []
+    for i, j, kind in pairs:
+        a, b = df.iloc[i], df.iloc[j]
+        diff = float(a["median_ellipticity"] - b["median_ellipticity"])
+        se = float(np.hypot(a["se_median"], b["se_median"]))
+        z = diff / se if se > 0 else np.nan
+        rows.append(
+            {
+                "comparison": kind,
+                "a": a["label"],
+                "b": b["label"],
+                "difference": diff,
+                "se": se,
+                "z": z,
+                "significant": bool(abs(z) > SIGNIFICANCE_SE) if np.isfinite(z) else False,
+            }
+        )
+    return pd.DataFrame(rows, columns=["comparison", "a", "b", "difference", "se", "z", "significant"])
+
+
+def comparison_lines(cmp: pd.DataFrame) -> list[str]:
+    """The comparisons in words: difference, combined SE, and whether it is significant at 2 SE."""
+    lines = []
+    for r in cmp.itertuples():
+        verdict = "significant" if r.significant else "not significant"
+        lines.append(
+            f"{r.a} minus {r.b}: {r.difference:+.3f} ± {r.se:.3f} ({r.z:+.1f} SE, {verdict} at {SIGNIFICANCE_SE:g} SE)"
+        )
+    return lines
+
+
+def convergence_lines(df: pd.DataFrame, fit_paths: list) -> list[str]:
+    """Markdown table of the pooled median against the analysis window, per MD column."""
+    lines = []
+    for (_, r), path in zip(df.iterrows(), fit_paths):
+        conv = _load_summary(path).get("convergence") if r["source"] == "MD" else None
+        if not conv:
+            continue
+        axes = list(conv[0].get("per_axis_median", {}))
+        lines += [
+            f"**{r['label']}** (figure `figures/convergence_{r['dataset']}.png`)",
+            "",
+            "| window (ps) | frames | n | median ± SE | " + " | ".join(axes) + " |",
+            "|---|---|---|---|" + "---|" * len(axes),
+        ]
+        for c in conv:
+            per = " | ".join(f"{c['per_axis_median'][a]:.3f}" for a in axes)
+            lines.append(
+                f"| {c['window_fs'] / 1000:g} | {c['frames']} | {c['n']} | "
+                f"{cell_text(c['median_ellipticity'], c['se'])} | {per} |"
+            )
+        lines.append("")
+    return lines
+
+
+def table1_markdown(df: pd.DataFrame, notes: list[str], cmp: list[str] = (), conv: list[str] = ()) -> str:
     header = "| | " + " | ".join(df["label"]) + " |"
     sep = "|---|" + "---|" * len(df)
     row = "| Br | " + " | ".join(cell_text(m, s) for m, s in zip(df["median_ellipticity"], df["se_median"])) + " |"
@@ -92,17 +177,24 @@ def table1_markdown(df: pd.DataFrame, notes: list[str]) -> str:
         sep,
         row,
         "",
-        "## Notes",
-        "",
     ]
+    if cmp:
+        lines += ["## Comparisons", "", *[f"- {c}" for c in cmp], ""]
+    if any(df["per_axis"].astype(str).str.len() > 0):
+        lines += ["## Per projection (MD)", ""]
+        lines += [f"- {r['label']}: {r['per_axis']}" for _, r in df.iterrows() if r["per_axis"]]
+        lines.append("")
+    if conv:
+        lines += ["## Convergence with the analysis window (MD)", "", *conv]
+    lines += ["## Notes", ""]
     lines += [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
-def table1_html(df: pd.DataFrame, notes: list[str]) -> str:
+def table1_html(df: pd.DataFrame, notes: list[str], cmp: list[str] = ()) -> str:
     th = "".join(f"<th>{html.escape(x)}</th>" for x in df["label"])
     td = "".join(f"<td>{cell_text(m, s)}</td>" for m, s in zip(df["median_ellipticity"], df["se_median"]))
-    li = "".join(f"<li>{html.escape(n)}</li>" for n in notes)
+    li = "".join(f"<li>{html.escape(n)}</li>" for n in [*cmp, *notes])
     return (
         "<!DOCTYPE html><html><head><meta charset='utf-8'><title>octastem Table 1</title>"
         "<style>table{border-collapse:collapse}td,th{border:1px solid #999;padding:4px 10px}</style></head><body>"
@@ -222,10 +314,16 @@ def write_table1(
     systems,
     provenance_json=None,
     seeds=None,
+    comparisons_csv=None,
 ) -> pd.DataFrame:
-    """Table 1 as CSV, Markdown (with notes and provenance), HTML; ``provenance_json`` gets the full record."""
+    """Table 1 as CSV, Markdown (with comparisons, per-projection values, convergence, notes and
+    provenance), HTML; ``provenance_json`` gets the full record, ``comparisons_csv`` the table of
+    :func:`comparisons`."""
     df = build_table1(columns, fit_paths, samples, method)
     notes = notes_for(df, md_summaries, md, stem, structure, systems)
+    cmp = comparisons(df, columns, samples, systems)
+    cmp_text = comparison_lines(cmp)
+    conv = convergence_lines(df, fit_paths)
     for note in few_columns_notes(df):
         log.warning("%s", note)
     record = json.loads(io.provenance(seeds=seeds or {}))
@@ -233,8 +331,13 @@ def write_table1(
     prov = provenance_lines(record)
     with io.atomic_path(csv) as tmp:
         df.to_csv(tmp, index=False)
-    io.write_text(md_path, table1_markdown(df, notes) + "\n## Provenance\n\n" + "".join(f"- {x}\n" for x in prov))
-    io.write_text(html_path, table1_html(df, notes + ["Provenance: " + x for x in prov]))
+    io.write_text(
+        md_path, table1_markdown(df, notes, cmp_text, conv) + "\n## Provenance\n\n" + "".join(f"- {x}\n" for x in prov)
+    )
+    io.write_text(html_path, table1_html(df, notes + ["Provenance: " + x for x in prov], cmp_text))
+    if comparisons_csv is not None:
+        with io.atomic_path(comparisons_csv) as tmp:
+            cmp.to_csv(tmp, index=False)
     if provenance_json is not None:
         io.write_json(provenance_json, record)
     return df

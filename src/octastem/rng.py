@@ -25,6 +25,7 @@ STREAMS: dict[str, int] = {
     "cnn_evaluate": 0,  # CNN evaluation: frozen phonons of the held-out structure; keys (k, dose): noise
     "fit_restarts": 0,  # column fit: perturbed restarts of failed window fits
     "fit_baseline": 1,  # round-column baseline of a fitted image: its seed (noise, restarts, bootstrap)
+    "fit_block_bootstrap": 2,  # MD statistics: time blocks and columns drawn by the block bootstrap
 }
 
 

@@ -85,12 +85,15 @@ NANOCRYSTAL_SAMPLES = SIM_SAMPLES if NANOCRYSTAL else []
 PERIODIC_SAMPLES = [] if NANOCRYSTAL else SIM_SAMPLES
 AVERAGED_SAMPLES = RAW_SAMPLES + NANOCRYSTAL_SAMPLES
 METHODS = config["reconstruct"]["methods"]
+# projections of the MD cell whose Br columns are pooled (potential.axes)
+AXES = list(config["potential"]["axes"])
 
 
 wildcard_constraints:
     system=one_of(SYSTEMS),
     sample=one_of(SAMPLES),
     method=one_of(METHODS),
+    axis=one_of(AXES),
     round=r"\d+",
 
 
@@ -177,21 +180,32 @@ def table1_fits():
 
 
 def md_report_figures():
-    """MD figures of the report target (md_figures makes the per-system ones beside it); none without systems."""
-    return ["results/report/figures/angle_vs_vacancies.png"] if SYSTEMS else []
+    """MD figures of the report target (md_figures makes the per-system ones beside it, md_statistics
+    the convergence of each Table 1 system); none without systems."""
+    if not SYSTEMS:
+        return []
+    return ["results/report/figures/angle_vs_vacancies.png"] + [
+        f"results/report/figures/convergence_{s}.png" for s in table1_systems()
+    ]
+
+
+def table1_systems():
+    return [col["system"] for col in config["table1"] if "system" in col]
 
 
 def fit_names():
-    """Names of all fits: those behind Table 1 (sample_method or md_system) and every sample by every method."""
-    names = [Path(p).stem for p in table1_fits()]
-    names += [f"{s}_{m}" for s in SAMPLES for m in METHODS if f"{s}_{m}" not in names]
+    """Names of all fitted images: every sample by every method (sample_method) and every projection
+    of the MD systems behind Table 1 (md_system_axis)."""
+    names = [f"{s}_{m}" for s in SAMPLES for m in METHODS]
+    names += [f"md_{s}_{a}" for s in table1_systems() for a in AXES]
     return names
 
 
 def fit_image(wildcards):
     name = wildcards.name
     if name.startswith("md_"):
-        return f"results/potential/{name[3:]}.h5"
+        system, axis = name[3:].rsplit("_", 1)
+        return f"results/potential/{system}/{axis}.h5"
     sample, method = name.rsplit("_", 1)
     return f"results/reconstruct/{sample}/{method}.h5"
 

@@ -13,6 +13,7 @@ rule table1:
         md="results/report/table1.md",
         html="results/report/table1.html",
         provenance="results/report/provenance.json",
+        comparisons="results/report/comparisons.csv",
     params:
         seeds={
             "seed": config["seed"],

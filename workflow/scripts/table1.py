@@ -8,5 +8,6 @@ with stages.logged(snakemake.log[0], snakemake):
         md_path=snakemake.output.md,
         html_path=snakemake.output.html,
         provenance_json=snakemake.output.provenance,
+        comparisons_csv=snakemake.output.comparisons,
         **dict(snakemake.params.items()),
     )

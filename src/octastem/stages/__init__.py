@@ -11,13 +11,13 @@ stage can be run and tested without Snakemake. One module per rule file of ``wor
 - potential: ``snapshot_potential``;
 - stem: ``simulate_4dstem``, ``simulate_nanocrystal``, ``dose``, ``ingest``, ``average``, ``reconstruct``;
 - cnn: ``cnn_training_set``, ``train_cnn``, ``evaluate_cnn``;
-- fit: ``fit`` (rules ``fit_stem`` and ``fit_md``);
+- fit: ``fit`` (rules ``fit_stem`` and ``fit_md``), ``md_statistics``;
 - report: ``table1``, ``table1_plot``, ``figure``.
 """
 
 from .cnn import cnn_training_set, evaluate_cnn, train_cnn
 from .common import logged, run_context
-from .fit import fit
+from .fit import fit, md_statistics
 from .md import md, md_analysis, md_figures
 from .potential import snapshot_potential
 from .report import figure, table1, table1_plot
@@ -37,6 +37,7 @@ __all__ = [
     "md",
     "md_analysis",
     "md_figures",
+    "md_statistics",
     "read_structure",
     "reconstruct",
     "run_context",

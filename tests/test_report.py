@@ -1,0 +1,91 @@
+"""Table 1 report: the comparisons the study needs, per-projection values and the convergence table."""
+
+from __future__ import annotations
+
+import json
+
+import pandas as pd
+import pytest
+
+from octastem.config import schema_defaults
+from octastem.report import comparisons, write_table1
+
+
+def _summary(path, median, se, n, by_axis=None, convergence=None):
+    br = {"n": n, "median_ellipticity": median, "se": se, "se_method": "block_bootstrap" if by_axis else "asymptotic"}
+    if by_axis:
+        br["by_axis"] = by_axis
+    path.write_text(json.dumps({"summary": {"Br": br}, "convergence": convergence or []}))
+    return path
+
+
+SAMPLES = {
+    "low": {"dose_e_per_A2": 48.0, "system": "pristine"},
+    "measured": {"dose_e_per_A2": 48.0, "raw": {"path": "data/x.h5"}},
+}
+SYSTEMS = {"pristine": 0, "vac": 11}
+COLUMNS = [
+    {"label": "Low", "sample": "low"},
+    {"label": "Measured", "sample": "measured"},
+    {"label": "MD pristine", "system": "pristine"},
+    {"label": "MD vac", "system": "vac"},
+]
+
+
+def test_comparisons_and_report_sections(tmp_path):
+    axes = {
+        a: {"n": 32, "median_ellipticity": m, "se": 0.02, "se_method": "asymptotic"}
+        for a, m in zip("xyz", (1.30, 1.31, 1.32))
+    }
+    conv = [
+        {
+            "blocks": k,
+            "frames": 20 * k,
+            "window_fs": 1000.0 * k,
+            "n": 96,
+            "median_ellipticity": 1.3 + 0.01 / k,
+            "se": 0.02,
+            "per_axis_median": {"x": 1.3, "y": 1.31, "z": 1.32},
+        }
+        for k in (1, 2, 5)
+    ]
+    fits = [
+        _summary(tmp_path / "low.json", 1.40, 0.03, 32),
+        _summary(tmp_path / "measured.json", 1.35, 0.03, 32),
+        _summary(tmp_path / "pristine.json", 1.31, 0.01, 96, axes, conv),
+        _summary(tmp_path / "vac.json", 1.33, 0.02, 96, axes, conv),
+    ]
+    out = {k: tmp_path / f"table1.{k}" for k in ("csv", "md", "html")}
+    df = write_table1(
+        out["csv"],
+        out["md"],
+        out["html"],
+        COLUMNS,
+        fits,
+        SAMPLES,
+        "cnn",
+        [],
+        schema_defaults("md"),
+        schema_defaults("stem"),
+        schema_defaults("structure"),
+        SYSTEMS,
+        comparisons_csv=tmp_path / "cmp.csv",
+    )
+    cmp = pd.read_csv(tmp_path / "cmp.csv")
+    # the simulated sample against its system; the measured sample has no MD twin; vacancies vs pristine
+    assert list(zip(cmp["a"], cmp["b"])) == [("Low", "MD pristine"), ("MD vac", "MD pristine")]
+    assert cmp["difference"].tolist() == pytest.approx([0.09, 0.02])
+    assert cmp["se"].tolist() == pytest.approx([(0.03**2 + 0.01**2) ** 0.5, (0.02**2 + 0.01**2) ** 0.5])
+    assert cmp["significant"].tolist() == [True, False]
+    md = out["md"].read_text()
+    assert "Low minus MD pristine: +0.090 ± 0.032 (+2.8 SE, significant at 2 SE)" in md
+    assert "MD vac minus MD pristine: +0.020 ± 0.022 (+0.9 SE, not significant at 2 SE)" in md
+    assert "- MD pristine: x: 1.300 ± 0.020 (n = 32); y: 1.310 ± 0.020 (n = 32); z: 1.320 ± 0.020 (n = 32)" in md
+    assert "| 5 | 100 | 96 | 1.302 ± 0.020 | 1.300 | 1.310 | 1.320 |" in md
+    assert "significant at 2 SE" in out["html"].read_text()
+    assert df.loc[2, "per_axis"].startswith("x: 1.300")
+
+
+def test_no_pairs_without_md():
+    df = pd.DataFrame({"label": ["M"], "median_ellipticity": [1.2], "se_median": [0.01]})
+    assert comparisons(df, [COLUMNS[1]], SAMPLES, {}).empty
