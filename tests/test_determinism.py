@@ -88,5 +88,8 @@ def test_plot_script_edit_reruns_only_the_report(reference, tmp_path, run_snakem
     jobs = planned_jobs(run_snakemake(reference, "-n", snakefile=snakefile))
     assert set(jobs) == {"figure", "table1_plot", "all"}
     tiny = yaml.safe_load((REPO / "tests/configs/tiny.yaml").read_text())
-    n_figures = len(tiny["samples"]) * len(tiny["reconstruct"]["methods"]) + len(tiny["systems"])
+    schema = yaml.safe_load((REPO / "config/schema.yaml").read_text())
+    axes = tiny.get("potential", {}).get("axes", schema["properties"]["potential"]["properties"]["axes"]["default"])
+    # one figure per sample and method, one per MD system and projection axis
+    n_figures = len(tiny["samples"]) * len(tiny["reconstruct"]["methods"]) + len(tiny["systems"]) * len(axes)
     assert jobs["figure"] == n_figures

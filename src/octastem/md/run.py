@@ -14,6 +14,14 @@ CPU with the same thread count, produces bit-identical frames to an uninterrupte
 CUDA's atomic scatter-adds already make two uninterrupted runs differ in the last bits); the
 finished file is renamed into place only at the end.
 
+A single-model MACE calculator (:func:`octastem.md.mace_calculator`) runs the dynamics through
+:class:`octastem.md.neighbours.MACEVerletCalculator`: the same model on the same inputs, but the
+neighbour list is kept across steps with a skin and the model's input is built directly, instead
+of a full neighbour search and graph construction every step. Its edges are those within the
+cutoff of the current positions and cell, in a fixed order, however long ago the list was built,
+so they are the same in a resumed run; the forces agree with the plain calculator's to float
+round-off (the edges are summed in another order).
+
 These make the resumed frames identical rather than merely close, whatever ran earlier in the process:
 
 - The integrator's forces are carried over, not recomputed. ``LangevinBAOAB`` evaluates the cell
@@ -52,6 +60,7 @@ from ase.md.langevinbaoab import LangevinBAOAB
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
 from octastem.io import InputError, provenance
+from octastem.md.neighbours import verlet_calculator
 from octastem.rng import generator
 
 log = logging.getLogger(__name__)
@@ -252,7 +261,8 @@ def run_npt(
     # would stand in for the first forces; every force of the run is computed under its settings
     if hasattr(calc, "reset"):
         calc.reset()
-    atoms.calc = calc
+    # a MACE calculator runs on a Verlet list kept across steps (same forces, see module doc)
+    atoms.calc = verlet_calculator(calc)
     with _reproducible_forces(calc):
         return _run(atoms, output, settings, steps_per_frame, n_frames_total, checkpoint_every, max_frames, progress)
 
