@@ -16,6 +16,7 @@ from octastem.fit import (
     fit_columns,
     fit_image_file,
     model_image,
+    noise_bias,
     pixel_grid,
     plot_model,
     refine_origin,
@@ -449,3 +450,41 @@ def test_pbbr_half_a_cell_from_the_origin_is_refused(order):
     img, s, n, cell, _ = contrast_image(CONTRASTS[order], offset=(A / 2 + 0.3, -0.2))
     with pytest.raises(InputError, match="quarter cell"):
         fit_columns(img, s, n, cell, types=("Br",))
+
+
+def test_noise_bias_moves_the_median_towards_the_truth():
+    # known truth: Br ratio 1.0 (round) and 1.3; white noise at the level of a low-dose phase image
+    for ratio, noise in ((1.0, 0.1), (1.3, 0.1)):
+        measured, corrected = [], []
+        for seed in (3, 4):
+            img, s, n, cell, _ = synth(n=(4, 4), ratio=ratio, noise=noise, seed=seed)
+            df = fit_columns(img, s, n, cell, method="fast")
+            m = summarize(df)["Br"]["median_ellipticity"]
+            b = noise_bias(img, s, df, n, cell, draws=6, method="fast", seed=seed)
+            assert b["noise_sigma"] == pytest.approx(noise, rel=0.15)
+            assert b["Br"]["n_draws"] == 6 and np.isfinite(b["Br"]["bias_se"])
+            measured.append(m)
+            corrected.append(m - b["Br"]["bias"])
+        if ratio == 1.0:
+            # noise makes round columns elongated; the correction removes at least a third of that
+            assert np.mean(measured) - 1.0 > 0.015
+            assert abs(np.mean(corrected) - 1.0) < 0.67 * (np.mean(measured) - 1.0)
+        else:
+            assert abs(np.mean(corrected) - ratio) < 0.02
+    with pytest.raises(InputError, match="draws"):
+        noise_bias(img, s, df, n, cell, draws=1)
+
+
+def test_fit_file_reports_noise_bias_and_corrected_value(tmp_path):
+    img, s, n, cell, _ = synth(n=(3, 3), ratio=1.0, noise=0.1, seed=5)
+    path = tmp_path / "phase.h5"
+    write_image(path, img, s, "phase", n_cells=list(n), cell_A=list(cell))
+    out = fit_image_file(
+        path, tmp_path / "f.csv", tmp_path / "f.json", types=("Br",), method="fast", noise_bias_draws=4
+    )
+    br = out["summary"]["Br"]
+    assert br["corrected_median_ellipticity"] == pytest.approx(br["median_ellipticity"] - br["noise_bias"])
+    assert br["corrected_se"] >= br["se"] and br["noise_bias"] > 0  # round columns: noise only elongates
+    assert out["noise_bias"]["draws"] == 4
+    saved = json.loads((tmp_path / "f.json").read_text())
+    assert saved["summary"]["Br"]["noise_bias_draws"] == 4

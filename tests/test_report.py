@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from octastem.config import schema_defaults
+from octastem.io import InputError
 from octastem.report import comparisons, write_table1
 
 
@@ -89,3 +90,36 @@ def test_comparisons_and_report_sections(tmp_path):
 def test_no_pairs_without_md():
     df = pd.DataFrame({"label": ["M"], "median_ellipticity": [1.2], "se_median": [0.01]})
     assert comparisons(df, [COLUMNS[1]], SAMPLES, {}).empty
+
+
+def test_headline_is_the_noise_corrected_median_with_measured_value_beside_it(tmp_path):
+    low = tmp_path / "low.json"
+    br = {
+        "n": 32,
+        "median_ellipticity": 1.40,
+        "se": 0.03,
+        "se_method": "asymptotic",
+        "noise_bias": 0.05,
+        "noise_bias_se": 0.01,
+        "corrected_median_ellipticity": 1.35,
+        "corrected_se": (0.03**2 + 0.01**2) ** 0.5,
+        "baseline_median_ellipticity": 1.08,
+    }
+    low.write_text(json.dumps({"summary": {"Br": br}}))
+    md = _summary(tmp_path / "pristine.json", 1.31, 0.01, 96)
+    columns = [COLUMNS[0], COLUMNS[2]]
+    tables = {}
+    for headline in ("corrected", "measured"):
+        out = {k: tmp_path / f"{headline}.{k}" for k in ("csv", "md", "html")}
+        args = (columns, [low, md], SAMPLES, "icom", [], schema_defaults("md"), schema_defaults("stem"))
+        args += (schema_defaults("structure"), SYSTEMS)
+        tables[headline] = write_table1(out["csv"], out["md"], out["html"], *args, headline=headline)
+        text = out["md"].read_text()
+        assert "noise alone (round columns, same SNR) gives 1.080" in text
+    got = tables["corrected"].set_index("label")
+    assert got.loc["Low", "median_ellipticity"] == pytest.approx(1.35) and got.loc["Low", "value"] == "corrected"
+    assert got.loc["Low", "measured_median_ellipticity"] == pytest.approx(1.40)
+    assert got.loc["MD pristine", "value"] == "measured"  # noise-free projected potential: nothing to remove
+    assert tables["measured"].set_index("label").loc["Low", "median_ellipticity"] == pytest.approx(1.40)
+    with pytest.raises(InputError, match="headline"):
+        write_table1(out["csv"], out["md"], out["html"], *args, headline="best")

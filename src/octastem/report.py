@@ -43,15 +43,45 @@ def _br(summary: dict, path) -> dict:
     return types["Br"]
 
 
-def build_table1(columns: list[dict], fit_paths: list, samples: dict, method: str) -> pd.DataFrame:
-    """One row per Table 1 column: label, source, dataset, n, median, se, se_method, dose, simulated."""
+#: What the headline value of a column is (the ``value`` column of table1.csv).
+HEADLINES = {
+    "corrected": "median minus its noise bias",
+    "measured": "median as measured",
+}
+
+
+def _headline(br: dict, source: str, headline: str) -> tuple[float, float, str]:
+    """(value, SE, what it is) shown for a column: for 4D-STEM with ``headline`` "corrected" the
+    median less its measured noise bias where that was measured, else the median as measured."""
+    if headline not in HEADLINES:
+        raise InputError(f"fit.headline: expected one of {sorted(HEADLINES)}, got {headline!r}")
+    corrected = br.get("corrected_median_ellipticity")
+    if source == "4D-STEM" and headline == "corrected" and corrected is not None and np.isfinite(corrected):
+        return float(corrected), float(br["corrected_se"]), "corrected"
+    return float(br["median_ellipticity"]), float(br["se"]), "measured"
+
+
+def build_table1(
+    columns: list[dict], fit_paths: list, samples: dict, method: str, headline: str = "corrected"
+) -> pd.DataFrame:
+    """One row per Table 1 column: label, source, dataset, n, the headline median and SE
+    (``median_ellipticity``, ``se_median``; what it is in ``value``: :data:`HEADLINES`), the median as
+    measured, its noise bias and the round-column (noise only) baseline, se_method, dose, simulated."""
     rows = []
     for col, path in zip(columns, fit_paths):
         br = _br(_load_summary(path), path)
+        source = "4D-STEM" if "sample" in col else "MD"
+        value, se, kind = _headline(br, source, headline)
         row = {
             "label": col["label"],
-            "median_ellipticity": br["median_ellipticity"],
-            "se_median": br["se"],
+            "median_ellipticity": value,
+            "se_median": se,
+            "value": kind,
+            "measured_median_ellipticity": br["median_ellipticity"],
+            "measured_se": br["se"],
+            "noise_bias": br.get("noise_bias", np.nan),
+            "noise_bias_se": br.get("noise_bias_se", np.nan),
+            "noise_only_baseline": br.get("baseline_median_ellipticity", np.nan),
             "se_method": br.get("se_method", ""),
             "n_columns": br["n"],
             "per_axis": "; ".join(
@@ -253,7 +283,7 @@ def notes_for(df: pd.DataFrame, md_summaries: list, md: dict, stem: dict, struct
             kind = "SIMULATED dataset (no raw data configured)" if r["simulated"] else "raw dataset"
             notes.append(
                 f"{r['label']}: {kind}, {r['origin']}, dose {r['dose_e_per_A2']:g} e/A^2, phase by {r['method']}, "
-                f"{r['n_columns']} Br columns fitted, SE: {r['se_method']}."
+                f"{r['n_columns']} Br columns fitted, SE: {r['se_method']}. {noise_text(r)}"
             )
         else:
             notes.append(f"{r['label']}: {r['origin']}, {r['n_columns']} Br columns fitted, SE: {r['se_method']}.")
@@ -281,6 +311,21 @@ def notes_for(df: pd.DataFrame, md_summaries: list, md: dict, stem: dict, struct
             f"{s['br_displacement_A']['perpendicular_rms']:.3f} A over {s['n_frames_analysed']} frames."
         )
     return notes + few_columns_notes(df)
+
+
+def noise_text(r) -> str:
+    """How noise enters a 4D-STEM column's value: the measured median, its noise bias and what
+    noise alone gives for round columns at the same SNR."""
+    measured = f"measured {cell_text(r['measured_median_ellipticity'], r['measured_se'])}"
+    base = r.get("noise_only_baseline", np.nan)
+    alone = f"; noise alone (round columns, same SNR) gives {base:.3f}" if np.isfinite(base) else ""
+    if r["value"] == "corrected":
+        return (
+            f"Shown: {HEADLINES['corrected']} ({measured}, noise bias {r['noise_bias']:+.3f} ± "
+            f"{r['noise_bias_se']:.3f} from refits of the fitted structure plus the image's own residual, "
+            f"shifted{alone})."
+        )
+    return f"Shown: {HEADLINES['measured']}, noise bias not removed{alone}."
 
 
 def provenance_lines(record: dict) -> list[str]:
@@ -315,11 +360,12 @@ def write_table1(
     provenance_json=None,
     seeds=None,
     comparisons_csv=None,
+    headline="corrected",
 ) -> pd.DataFrame:
     """Table 1 as CSV, Markdown (with comparisons, per-projection values, convergence, notes and
     provenance), HTML; ``provenance_json`` gets the full record, ``comparisons_csv`` the table of
-    :func:`comparisons`."""
-    df = build_table1(columns, fit_paths, samples, method)
+    :func:`comparisons`; ``headline``: the 4D-STEM value shown (:data:`HEADLINES`)."""
+    df = build_table1(columns, fit_paths, samples, method, headline)
     notes = notes_for(df, md_summaries, md, stem, structure, systems)
     cmp = comparisons(df, columns, samples, systems)
     cmp_text = comparison_lines(cmp)
@@ -355,6 +401,28 @@ def plot_table1(csv, output) -> None:
     x = np.arange(len(df))
     ax.errorbar(x, df["median_ellipticity"], yerr=df["se_median"], fmt="none", ecolor="k", capsize=4)
     ax.scatter(x, df["median_ellipticity"], c=colours, s=60, zorder=3)
+    if "value" in df:
+        # where the noise bias was removed: the median as measured (open) and noise alone (cross)
+        corrected = (df["value"] == "corrected").to_numpy()
+        if corrected.any():
+            ax.scatter(
+                x[corrected] + 0.15,
+                df["measured_median_ellipticity"][corrected],
+                facecolors="none",
+                edgecolors="tab:purple",
+                s=40,
+                zorder=3,
+                label="as measured",
+            )
+            ax.scatter(
+                x[corrected] + 0.15,
+                df["noise_only_baseline"][corrected],
+                marker="x",
+                c="0.4",
+                s=30,
+                label="noise alone",
+            )
+            ax.legend(fontsize=7, frameon=False)
     ax.axhline(1.0, color="0.6", ls="--", lw=1)
     ax.set_xticks(x, [lbl.replace(" (", "\n(") for lbl in df["label"]], fontsize=8)
     ax.set_ylabel("Br ellipticity ratio (median ± SE)")

@@ -26,6 +26,7 @@ STREAMS: dict[str, int] = {
     "fit_restarts": 0,  # column fit: perturbed restarts of failed window fits
     "fit_baseline": 1,  # round-column baseline of a fitted image: its seed (noise, restarts, bootstrap)
     "fit_block_bootstrap": 2,  # MD statistics: time blocks and columns drawn by the block bootstrap
+    "fit_noise_bias": 3,  # noise bias of a fitted image: residual shifts and refit seeds
 }
 
 

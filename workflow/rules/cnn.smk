@@ -76,3 +76,32 @@ rule evaluate_cnn:
         gpu=0,
     script:
         "../scripts/evaluate_cnn.py"
+
+
+rule evaluate_suite:
+    """Known-truth suite: every reconstruct method on split-cubic APbBr3 cases of set Br column shape (evaluation.*)."""
+    input:
+        weights=local_path(config["cnn"]["weights"]),
+    output:
+        table=report("results/cnn/suite/suite.csv", category="CNN", caption="../report/suite.rst"),
+        summary="results/cnn/suite/suite.json",
+        plot=report("results/cnn/suite/suite.png", category="CNN", caption="../report/suite.rst"),
+    params:
+        evaluation=config["evaluation"],
+        optics={
+            key: config["stem"][key]
+            for key in ("energy_eV", "semiangle_mrad", "max_angle_mrad", "sampling_A", "slice_thickness_A")
+        },
+        seed=config["seed"],
+        device=config["cnn"]["device"],
+    log:
+        "logs/cnn/evaluate_suite.log",
+    conda:
+        "../../envs/octastem.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime="24h",
+        gpu=0,
+    script:
+        "../scripts/evaluate_suite.py"

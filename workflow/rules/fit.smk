@@ -14,6 +14,7 @@ rule fit_stem:
         table="results/fit/{sample}_{method}.csv",
         summary="results/fit/{sample}_{method}.json",
     params:
+        noise_bias_draws=config["fit"]["noise_bias_draws"],
         **FIT_PARAMS,
     log:
         "logs/fit/{sample}_{method}.log",

@@ -27,6 +27,7 @@ rule table1:
         stem=config["stem"],
         structure=config["structure"],
         method=config["reconstruct"]["table_method"],
+        headline=config["fit"]["headline"],
     log:
         "logs/report/table1.log",
     conda:

@@ -18,7 +18,8 @@ Modules:
 - ``joint``: engine "joint", one lmfit fit of all columns at once (:func:`fit_joint`);
 - ``fast``: engine "fast", batched Levenberg-Marquardt with neighbour subtraction sweeps;
 - ``columns``: :func:`fit_columns` (locate the lattice, run an engine of :data:`ENGINES`, finish);
-- ``synthetic``: :func:`round_baseline`, the ellipticity that noise alone produces;
+- ``synthetic``: :func:`round_baseline`, the ellipticity that noise alone produces, and
+  :func:`noise_bias`, the noise bias of the measured median (parametric bootstrap);
 - ``summary``: :func:`summarize`, the per-type summary of a fit;
 - ``files``: :func:`fit_image_file`, image file in, table, summary and figure out;
 - ``plot``: :func:`plot_model`, the image with the fitted ellipses;
@@ -37,7 +38,7 @@ from octastem.fit.plot import plot_model
 from octastem.fit.rows import RESULT_COLUMNS
 from octastem.fit.stats import density_at_median, median_se, robust_sigma
 from octastem.fit.summary import summarize
-from octastem.fit.synthetic import round_baseline
+from octastem.fit.synthetic import noise_bias, round_baseline
 
 __all__ = [
     "ENGINES",
@@ -62,6 +63,7 @@ __all__ = [
     "plot_model",
     "refine_origin",
     "robust_sigma",
+    "noise_bias",
     "round_baseline",
     "summarize",
 ]

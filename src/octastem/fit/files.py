@@ -18,7 +18,7 @@ from octastem.fit.lattice import SITES
 from octastem.fit.model import WINDOW_MAX_PIXELS
 from octastem.fit.plot import plot_model
 from octastem.fit.summary import summarize
-from octastem.fit.synthetic import round_baseline
+from octastem.fit.synthetic import noise_bias, round_baseline
 from octastem.io import InputError, atomic_path, provenance, read_image, write_json
 from octastem.rng import STREAMS
 
@@ -48,6 +48,15 @@ def _baseline(image_path, image, attrs, df, n_cells, cell_A, **settings):
         return round_baseline(image, attrs["sampling_A"], df, n_cells, cell_A, **settings), None
     except InputError as e:
         log.warning("%s: no round-column baseline: %s", image_path, e)
+        return {}, str(e)
+
+
+def _noise_bias(image_path, image, attrs, df, n_cells, cell_A, **settings):
+    """The noise bias of the measured medians (:func:`noise_bias`) and, when it cannot be measured, why."""
+    try:
+        return noise_bias(image, attrs["sampling_A"], df, n_cells, cell_A, **settings), None
+    except InputError as e:
+        log.warning("%s: no noise-bias estimate: %s", image_path, e)
         return {}, str(e)
 
 
@@ -102,6 +111,7 @@ def fit_image_file(
     method="window",
     baseline=True,
     noise="gaussian",
+    noise_bias_draws=0,
 ) -> dict:
     """Fit the image file ``image_path`` (see :func:`octastem.io.read_image`) and write the per-column
     table ``out_csv`` and the JSON summary ``out_json`` (and the figure ``plot_path`` if given),
@@ -114,6 +124,12 @@ def fit_image_file(
     random numbers from the ``fit_baseline`` stream of ``seed``) and written beside the measured
     value of each type as ``baseline_median_ellipticity`` and ``baseline_se`` (its noise model
     under the top-level key ``baseline``).
+
+    With ``noise_bias_draws`` >= 2 the noise bias of each measured median is measured by
+    :func:`noise_bias` (that many refits of the fitted structure plus the image's residual, shifted;
+    random numbers from the ``fit_noise_bias`` stream of ``seed``) and each type gets
+    ``noise_bias``, ``noise_bias_se``, ``corrected_median_ellipticity`` (measured minus bias) and
+    ``corrected_se`` (measured SE and bias SE in quadrature); 0: not measured (noise-free images).
     Returns the summary dict written to JSON."""
     if types is None:
         types = tuple(schema_defaults("fit", "types"))
@@ -143,12 +159,36 @@ def fit_image_file(
             **fit_settings,
         )
     per_type = summarize(df, se_method=se_method, n_boot=n_boot, seed=seed)
+    bias, bias_error = None, None
+    if noise_bias_draws:
+        bias, bias_error = _noise_bias(
+            image_path,
+            image,
+            attrs,
+            df,
+            n_cells,
+            cell_A,
+            draws=noise_bias_draws,
+            seed=seed + STREAMS["fit_noise_bias"],
+            **fit_settings,
+        )
+        for typ, entry in per_type.items():
+            b = bias.get(typ, {})
+            entry["noise_bias"] = b.get("bias", math.nan)
+            entry["noise_bias_se"] = b.get("bias_se", math.nan)
+            entry["noise_bias_draws"] = b.get("n_draws", 0)
+            entry["corrected_median_ellipticity"] = entry["median_ellipticity"] - entry["noise_bias"]
+            entry["corrected_se"] = math.hypot(entry["se"], entry["noise_bias_se"])
     if base is not None:
         for typ, entry in per_type.items():
             b = base.get(typ, {})
             entry["baseline_median_ellipticity"] = b.get("median_ellipticity", math.nan)
             entry["baseline_se"] = b.get("se", math.nan)
     summary = _summary(image_path, attrs, df, types, per_type, base, baseline_error)
+    if noise_bias_draws:
+        summary["noise_bias"] = (
+            {"error": bias_error} if bias_error else {k: bias[k] for k in ("draws", "noise_sigma", "seed")}
+        )
     summary["provenance"] = provenance(
         seed=seed,
         se_method=se_method,
@@ -157,6 +197,7 @@ def fit_image_file(
         method=method,
         baseline=bool(baseline),
         noise=noise,
+        noise_bias_draws=int(noise_bias_draws),
     )
     with atomic_path(out_csv) as tmp:
         df.to_csv(tmp, index=False, float_format="%.6g")

@@ -10,12 +10,12 @@ stage can be run and tested without Snakemake. One module per rule file of ``wor
 - student: ``student_data``, ``train_student``, ``validate_student``;
 - potential: ``snapshot_potential``;
 - stem: ``simulate_4dstem``, ``simulate_nanocrystal``, ``dose``, ``ingest``, ``average``, ``reconstruct``;
-- cnn: ``cnn_training_set``, ``train_cnn``, ``evaluate_cnn``;
+- cnn: ``cnn_training_set``, ``train_cnn``, ``evaluate_cnn``, ``evaluate_suite``;
 - fit: ``fit`` (rules ``fit_stem`` and ``fit_md``), ``md_statistics``;
 - report: ``table1``, ``table1_plot``, ``figure``.
 """
 
-from .cnn import cnn_training_set, evaluate_cnn, train_cnn
+from .cnn import cnn_training_set, evaluate_cnn, evaluate_suite, train_cnn
 from .common import logged, run_context
 from .fit import fit, md_statistics
 from .md import md, md_analysis, md_figures
@@ -30,6 +30,7 @@ __all__ = [
     "cnn_training_set",
     "dose",
     "evaluate_cnn",
+    "evaluate_suite",
     "figure",
     "fit",
     "ingest",

@@ -1,4 +1,4 @@
-"""Stages of the CNN rules: ``cnn_training_set``, ``train_cnn``, ``evaluate_cnn``."""
+"""Stages of the CNN rules: ``cnn_training_set``, ``train_cnn``, ``evaluate_cnn``, ``evaluate_suite``."""
 
 from __future__ import annotations
 
@@ -37,3 +37,40 @@ def evaluate_cnn(*, weights, metrics, averaged_cells: int, n_seeds: int, seed: i
         Path(metrics).parent, weights=weights, averaged_cells=averaged_cells, n_seeds=n_seeds, seed=seed, device=device
     )
     log.info("evaluation: %s", result)
+
+
+def evaluate_suite(
+    *,
+    weights,
+    table,
+    summary,
+    plot,
+    evaluation: dict,
+    optics: dict,
+    seed: int,
+    device: str,
+    threads: int | None = None,
+) -> None:
+    """Known-truth suite of every reconstruction method (:mod:`octastem.evaluation`) over the grid
+    of cases ``evaluation``; ``table``, ``summary`` and ``plot`` must share one folder (``suite.csv``,
+    ``suite.json``, ``suite.png``)."""
+    from octastem.evaluation import run_suite
+    from octastem.io import InputError
+
+    out_dir = Path(table).parent
+    expected = {"table": "suite.csv", "summary": "suite.json", "plot": "suite.png"}
+    given = {"table": table, "summary": summary, "plot": plot}
+    for key, name in expected.items():
+        if Path(given[key]) != out_dir / name:
+            raise InputError(f"evaluate_suite: output '{key}' must be {out_dir / name}, got {given[key]}")
+    record = run_suite(
+        out_dir,
+        settings=evaluation,
+        optics=optics,
+        weights=weights,
+        device=device,
+        seed=seed,
+        threads=threads,
+        progress=True,
+    )
+    log.info("evaluation suite: %d cases in %.0f s", record["n_cases"], record["seconds_total"])

@@ -18,8 +18,10 @@ def fit(
     window_A: float | None,
     se_method: str,
     seed: int,
+    noise_bias_draws: int = 0,
 ) -> None:
-    """Elliptical Gaussian fit of the columns of an image file -> CSV table + JSON summary."""
+    """Elliptical Gaussian fit of the columns of an image file -> CSV table + JSON summary;
+    ``noise_bias_draws`` > 0: with the noise bias of the medians (:func:`octastem.fit.noise_bias`)."""
     from octastem.fit import fit_image_file
 
     fit_image_file(
@@ -32,6 +34,7 @@ def fit(
         window_A=window_A,
         se_method=se_method,
         seed=seed,
+        noise_bias_draws=noise_bias_draws,
     )
 
 

@@ -23,7 +23,7 @@ def figure(*, image_path, table, output) -> None:
 
 def table1(*, fits, md_summaries, csv, md_path, html_path, **settings) -> None:
     """Table 1 from the fit summaries (:func:`octastem.report.write_table1`; ``settings``: columns, samples,
-    systems, md, stem, structure, method, provenance_json, seeds)."""
+    systems, md, stem, structure, method, provenance_json, seeds, headline)."""
     from octastem.report import write_table1
 
     df = write_table1(csv, md_path, html_path, fit_paths=fits, md_summaries=md_summaries, **settings)
