@@ -186,9 +186,8 @@ def fit_image_file(
             entry["baseline_se"] = b.get("se", math.nan)
     summary = _summary(image_path, attrs, df, types, per_type, base, baseline_error)
     if noise_bias_draws:
-        summary["noise_bias"] = (
-            {"error": bias_error} if bias_error else {k: bias[k] for k in ("draws", "noise_sigma", "seed")}
-        )
+        keys = ("draws", "iterations", "noise_sigma", "seed")
+        summary["noise_bias"] = {"error": bias_error} if bias_error else {k: bias[k] for k in keys}
     summary["provenance"] = provenance(
         seed=seed,
         se_method=se_method,
