@@ -34,6 +34,19 @@ def test_run_dry_run_of_paper_preset(tmp_path):
     assert "FABr_vac11" in text and "md" in text
 
 
+def test_run_dry_run_of_workstation_preset(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "octastem.cli", "run", "--workstation", "--directory", str(tmp_path), "--", "-n"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    text = proc.stdout + proc.stderr
+    # the study's cell and vacancy fraction, the three projections, the nanocrystal scan
+    assert "FABr_vac11" in text and "results/potential/pristine/z.h5" in text and "simulate_nanocrystal" in text
+    assert main(["run", "--paper", "--workstation", "--directory", str(tmp_path), "--", "-n"]) == 2
+
+
 def test_missing_table_is_a_clear_error(tmp_path, capsys):
     assert main(["table1", "--directory", str(tmp_path)]) == 2
     assert "octastem run" in capsys.readouterr().err

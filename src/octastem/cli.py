@@ -64,7 +64,10 @@ def snakemake_command(
 
 
 def _run(args: argparse.Namespace, extra: list[str]) -> int:
-    configfiles = [REPO / "config" / "paper.yaml"] if args.paper else []
+    if args.paper and args.workstation:
+        print("octastem run: --paper and --workstation are two presets; give one", file=sys.stderr)
+        return 2
+    configfiles = [REPO / "config" / f"{name}.yaml" for name in ("paper", "workstation") if getattr(args, name)]
     if args.configfile:
         configfiles.append(args.configfile)
     cmd = snakemake_command(
@@ -537,6 +540,11 @@ def main(argv: list[str] | None = None) -> int:
 
     r = sub.add_parser("run", help="run the workflow (extra arguments after -- go to snakemake)")
     r.add_argument("--paper", action="store_true", help="use the full-paper preset config/paper.yaml")
+    r.add_argument(
+        "--workstation",
+        action="store_true",
+        help="use the CPU-workstation preset config/workstation.yaml (the study's protocol in about 2 h on 2 cores)",
+    )
     r.add_argument("--configfile", help="an additional config file (overrides keys)")
     r.add_argument("--profile", help="a snakemake profile, e.g. profiles/slurm")
     r.add_argument("--cores", default="all")
