@@ -11,7 +11,8 @@ from ase import Atoms
 
 from octastem.io import STEM_ATTRS, InputError, read_4dstem, write_4dstem
 from octastem.stem import add_poisson_noise, build_nanocrystal, center_of_mass, icom, simulate_4dstem
-from octastem.stem.prism import interpolation_factors
+from octastem.stem.prism import _detector_operators, _patterns, interpolation_factors
+from octastem.stem.simulate import _rebin_axis
 from octastem.structure import build_fapbbr3
 
 STEP = 0.3
@@ -171,8 +172,8 @@ def test_prism_without_interpolation_is_the_multislice(crystal):
 
 
 def test_prism_window_agrees_with_multislice(crystal):
-    # f = 2: a 7.5 A window; benchmarks/results/multislice.json has 4e-4 (13.7 A window) and 9e-4 (6.9 A)
-    # on a 36 A nanocrystal, with iCOM phase correlations above 0.99999
+    # f = 2: a 7.5 A window; benchmarks/results/multislice.json has 4e-4 (13.7 A window), 6e-4 (10.3 A, the
+    # schema's) and 9e-4 (6.9 A) on a 36 A nanocrystal, with iCOM phase correlations above 0.99999
     frames, settings, reference = crystal
     prism = simulate_4dstem(frames, method="prism", prism_interpolation=2, **settings)
     _same_grid(prism, reference)
@@ -183,6 +184,28 @@ def test_prism_window_agrees_with_multislice(crystal):
     assert np.corrcoef(phase_prism.ravel(), phase_reference.ravel())[0, 1] >= 0.999
     record = json.loads(prism.provenance)
     assert record["method"] == "prism" and record["prism_window_A"] == pytest.approx([L / 2 for L in prism.cell_A[:2]])
+
+
+def test_prism_patterns_are_the_padded_fft():
+    # the patterns of windowed waves: the matrix products at the kept frequencies equal the FFT of the
+    # wave zero-padded to the box grid, fftshifted, cropped centred to 2 half + 1 and rebinned
+    rng = np.random.default_rng(3)
+    waves = (rng.standard_normal((3, 7, 6)) + 1j * rng.standard_normal((3, 7, 6))).astype(np.complex64)
+    full, half = (16, 15), (7, 6)
+    rx, ry = _rebin_axis(2 * half[0] + 1, 0.5, 1.2), _rebin_axis(2 * half[1] + 1, 0.6, 1.2)
+    padded = np.zeros((3, *full), np.complex128)
+    padded[:, :7, :6] = waves
+    intensity = np.fft.fftshift(np.abs(np.fft.fft2(padded)) ** 2, axes=(1, 2)) * (7 * 6 / (16 * 15))
+    crop = np.zeros((3, 2 * half[0] + 1, 2 * half[1] + 1))
+    for i in range(2 * half[0] + 1):
+        for j in range(2 * half[1] + 1):
+            m, n = i - half[0], j - half[1]
+            if abs(m) <= min(full[0] // 2, full[0] - 1 - full[0] // 2) and abs(n) <= full[1] // 2:
+                crop[:, i, j] = intensity[:, full[0] // 2 + m, full[1] // 2 + n]
+    expected = np.einsum("pi,oj,nij->nop", rx, ry, crop)
+    got = _patterns(waves, _detector_operators(full, (7, 6), half, rx, ry))
+    assert got.shape == expected.shape == (3, ry.shape[0], rx.shape[0])
+    assert np.abs(got - expected).max() < 1e-5 * expected.max()
 
 
 def test_prism_settings():
