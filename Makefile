@@ -16,6 +16,10 @@ $(BIN)/octastem: envs/requirements.txt envs/constraints.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r envs/requirements.txt -c envs/constraints.txt
+# quantem without its dependencies (listed in envs/requirements.txt): it requires torchvision, whose only
+# wheel for torch 2.13.0 is CUDA-linked and fails to import on the CPU torch build (breaking torchmetrics
+# and with it MACE); quantem itself never imports torchvision
+	$(BIN)/pip install --quiet --no-deps quantem==0.1.10
 	$(BIN)/pip install --quiet --no-deps -e .
 	touch $@
 

@@ -435,7 +435,7 @@ def _add_reconstruct(sub) -> None:
     r, d, cnn = schema_defaults("reconstruct"), schema_defaults("average"), schema_defaults("cnn")
     p = sub.add_parser(
         "reconstruct",
-        help="phase image (icom or cnn) of a 4D-STEM file, in the image format of the pipeline",
+        help="phase image (icom, cnn, ssb or wdd) of a 4D-STEM file, in the image format of the pipeline",
         description="The phase image of one 4D-STEM file as the reconstruct rule makes it: HDF5 'image' (y, x; "
         "rad) with sampling_A, kind, n_cells and cell_A. An internal 4D-STEM file (results/stem/*.h5, or one "
         "written by octastem.io.write_4dstem) is reconstructed as it is. A raw detector file is first ingested "

@@ -37,7 +37,8 @@ Truth per case: the median Br ellipticity fitted by :func:`octastem.fit.fit_colu
 Acquisitions per case (``acquisitions``): noise free, and Poisson noise at a dose (e/A^2) with an
 average over ``averaged_cells`` equivalent cells (drawn at ``averaged_cells`` x dose, as the
 pipeline's ``dose`` stage does; 1: a single acquisition), ``n_seeds`` noise draws each. Every
-method of :data:`octastem.stem.reconstruct.METHODS` reconstructs every acquisition
+method (default: the schema's ``reconstruct.methods``, icom and cnn; any of
+:data:`octastem.stem.reconstruct.METHODS`, e.g. the direct-ptychography ``ssb``) reconstructs every acquisition
 (:func:`octastem.stem.reconstruct`, on ``UPSAMPLE`` pixels per scan step: iCOM Fourier-interpolated,
 the CNN native); the image is band-limited to 2 alpha / lambda (as in :mod:`octastem.cnn.evaluate`)
 and fitted. Pearson correlation and SSIM are taken against the band-limited true phase (sigma(E)
@@ -254,9 +255,10 @@ def run_case(
 
     from octastem.cnn.evaluate import br_ellipticity, pearson, ssim
     from octastem.cnn.input import UPSAMPLE, band_limit, target_phase
-    from octastem.stem import METHODS, reconstruct, simulate_4dstem
+    from octastem.config import schema_defaults
+    from octastem.stem import reconstruct, simulate_4dstem
 
-    methods = tuple(METHODS if methods is None else methods)
+    methods = tuple(schema_defaults("reconstruct")["methods"] if methods is None else methods)
     cells = int(settings["in_plane_cells"])
     fit_method = settings["fit_method"]
     t0 = time.perf_counter()
@@ -444,8 +446,9 @@ def run_suite(
 
     ``settings``: the grid (see :func:`cases`), ``in_plane_cells``, ``frames``, ``rattle_A``,
     ``acquisitions`` (list of ``{dose_e_per_A2: float or None, averaged_cells: int}``),
-    ``n_seeds`` and ``fit_method``; keys left out take the schema's values. ``methods``: default
-    :data:`octastem.stem.reconstruct.METHODS`; ``weights``/``device``: those of the CNN.
+    ``n_seeds`` and ``fit_method``; keys left out take the schema's values. ``methods``: default the
+    schema's ``reconstruct.methods``, any of :data:`octastem.stem.reconstruct.METHODS`;
+    ``weights``/``device``: those of the CNN.
     Returns the JSON record (settings, machine, per-case timing and truths, per-seed rows, table).
     """
     import logging
@@ -459,7 +462,10 @@ def run_suite(
     optics = {
         k: optics[k] for k in ("energy_eV", "semiangle_mrad", "max_angle_mrad", "sampling_A", "slice_thickness_A")
     }
-    methods = list(METHODS if methods is None else methods)
+    methods = list(schema_defaults("reconstruct")["methods"] if methods is None else methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise InputError(f"evaluation: unknown methods {unknown}; expected some of {list(METHODS)}")
     if not settings["acquisitions"] or int(settings["n_seeds"]) < 1 or int(settings["in_plane_cells"]) < 1:
         raise InputError("evaluation: acquisitions must be non-empty, n_seeds and in_plane_cells at least 1")
     grid = cases(settings)

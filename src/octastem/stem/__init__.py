@@ -9,7 +9,8 @@
 - lattice: virtual images, the Fourier lattice search of a crystalline scan, basis reduction and
   the check against the structure model's lattice parameter;
 - average: template-matching average of a crystalline scan onto one (super)cell;
-- reconstruct: phase images by centre of mass, integrated COM and the CNN of :mod:`octastem.cnn`.
+- reconstruct: phase images by centre of mass, integrated COM, the CNN of :mod:`octastem.cnn`
+  and direct ptychography (SSB, WDD) by quantem, imported only when used.
 
 A dataset in memory is an :class:`octastem.io.Stem4D`, on disk the file of
 :func:`octastem.io.write_4dstem`. ``ingest`` and ``reconstruct`` name both a module and its
@@ -23,6 +24,7 @@ from .nanocrystal import Nanocrystal, build_nanocrystal, fa_molecules
 from .reconstruct import (
     METHODS,
     center_of_mass,
+    direct_ptychography,
     fourier_upsample,
     icom,
     integrate_gradient,
@@ -49,6 +51,7 @@ __all__ = [
     "center_of_mass",
     "check_lattice",
     "detector_vectors",
+    "direct_ptychography",
     "electrons_per_position",
     "fa_molecules",
     "find_lattice",

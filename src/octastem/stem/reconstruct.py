@@ -1,5 +1,6 @@
-"""Phase images from 4D-STEM: centre of mass (COM), integrated COM (iCOM) and the CNN of
-:mod:`octastem.cnn` (method ``cnn``).
+"""Phase images from 4D-STEM: centre of mass (COM), integrated COM (iCOM), the CNN of
+:mod:`octastem.cnn` (method ``cnn``) and direct ptychography by quantem (methods ``ssb``,
+single-sideband, and ``wdd``, Wigner distribution deconvolution; :func:`direct_ptychography`).
 
 For a thin phase object the COM of each diffraction pattern is the probe-intensity-weighted
 mean of the phase gradient, theta = lambda / (2 pi) * grad(phase); integrating the COM field
@@ -17,7 +18,10 @@ import numpy as np
 
 from octastem.io import InputError, Stem4D
 
-METHODS = ("icom", "cnn")
+METHODS = ("icom", "cnn", "ssb", "wdd")
+
+#: the direct-ptychography methods and their quantem deconvolution kernels
+PTYCHOGRAPHY_KERNELS = {"ssb": "ssb", "wdd": "wdd"}
 
 
 def validate(stem: Stem4D, name: str = "4D-STEM") -> np.ndarray:
@@ -108,6 +112,78 @@ def icom(stem: Stem4D, origin: str = "mean") -> tuple[np.ndarray, float]:
     return phase.astype(np.float32), float(0.5 * (step_x + step_y))
 
 
+def direct_ptychography(stem: Stem4D, method: str = "ssb") -> tuple[np.ndarray, float]:
+    """Direct-ptychography phase image (rad), float32 (scan_y, scan_x) with zero mean, and its sampling (A).
+
+    quantem's ``DirectPtychography`` (imported here, so the rest of the package does not need
+    quantem) on the scan grid, as iCOM: ``ssb`` (single sideband, a weak-phase-object kernel) or
+    ``wdd`` (Wigner distribution deconvolution, no weak-object approximation; ridge 1e-3). The
+    diffraction origin is fitted and removed by quantem; the probe is the aperture of
+    ``semiangle_mrad`` with C10 = -``extra['defocus_A']`` (abTEM's sign; 0 if not recorded).
+    Pixel (iy, ix) is scan position (x = ix * step_x, y = iy * step_y), as for :func:`icom`; the
+    data are handed over in their own axis order (rows, columns), in which quantem's detector
+    rotation is -``scan_rotation_deg``. Neither kernel is calibrated in radians (the transfer is
+    below 1 and frequency dependent), so the image is a phase up to a positive scale; column
+    positions and shapes, which the fit uses, are what it is for. Not upsampled past the scan
+    grid: quantem's ``upsampling_factor`` was measured to turn round Br columns elliptical
+    (benchmarks/ptychography.py), so the resampling to ``reconstruct.sampling_A`` is the same
+    Fourier interpolation as iCOM's.
+    """
+    if method not in PTYCHOGRAPHY_KERNELS:
+        raise InputError(f"direct_ptychography: method must be one of {list(PTYCHOGRAPHY_KERNELS)}, got {method!r}")
+    data = validate(stem)
+    name = f"{method} reconstruction"
+    if data.shape[0] < 4 or data.shape[1] < 4:
+        raise InputError(f"{name}: field 'data' needs a scan of at least 4x4 positions, got {data.shape[:2]}")
+    alpha = float(stem.semiangle_mrad)
+    if not (np.isfinite(alpha) and alpha > 0):
+        raise InputError(f"{name}: attribute 'semiangle_mrad' must be a positive number, got {alpha}")
+    dkx, dky = float(stem.k_sampling_x_mrad), float(stem.k_sampling_y_mrad)
+    reach = min((data.shape[3] // 2) * dkx, (data.shape[2] // 2) * dky)
+    if reach <= alpha:
+        raise InputError(
+            f"{name}: the detector (field 'data', {data.shape[2]}x{data.shape[3]} pixels of "
+            f"{dky:g} x {dkx:g} mrad, 'k_sampling_mrad') reaches {reach:.3g} mrad from its centre, not beyond the "
+            f"bright-field disc of 'semiangle_mrad' = {alpha:g} mrad"
+        )
+    totals = data.sum(axis=(2, 3))
+    if not np.any(totals > 0):
+        raise InputError(f"{name}: field 'data' has no counts (all diffraction patterns empty)")
+    defocus = float(stem.extra.get("defocus_A", 0.0) or 0.0)
+    try:
+        from quantem.core.datastructures import Dataset4dstem
+        from quantem.diffractive_imaging import DirectPtychography
+    except ImportError as err:  # pragma: no cover - the environment of envs/ installs it
+        raise ImportError(
+            f"reconstruct: method {method!r} needs the package quantem (installed by `make env`: "
+            "pip install --no-deps quantem==0.1.10)"
+        ) from err
+    step_x, step_y = float(stem.scan_step_x_A), float(stem.scan_step_y_A)
+    dataset = Dataset4dstem.from_array(
+        np.ascontiguousarray(data, dtype=np.float32),
+        sampling=(step_y, step_x, dky, dkx),
+        units=("A", "A", "mrad", "mrad"),
+    )
+    ptycho = DirectPtychography.from_dataset4d(
+        dataset,
+        energy=float(stem.energy_eV),
+        semiangle_cutoff=alpha,
+        rotation_angle=-float(stem.scan_rotation_deg),
+        aberration_coefs={"C10": -defocus} if defocus else {},
+        device="cpu",
+        verbose=False,
+    )
+    ptycho.reconstruct(deconvolution_kernel=PTYCHOGRAPHY_KERNELS[method], verbose=False)
+    phase = np.asarray(ptycho.obj, dtype=np.float64)
+    if phase.shape != data.shape[:2] or not np.all(np.isfinite(phase)):
+        raise RuntimeError(
+            f"{name}: quantem returned an image of shape {phase.shape} (finite: "
+            f"{bool(np.all(np.isfinite(phase)))}), expected {data.shape[:2]}"
+        )
+    phase -= phase.mean()
+    return phase.astype(np.float32), float(0.5 * (step_x + step_y))
+
+
 def fourier_upsample(image: np.ndarray, factor: int) -> np.ndarray:
     """Band-limited (periodic, Fourier) interpolation of ``image`` onto a ``factor`` times finer grid.
 
@@ -178,8 +254,9 @@ def reconstruct(
 ) -> tuple[np.ndarray, float]:
     """Phase image (y, x) on square pixels and its pixel size (A) by ``method`` (one of :data:`METHODS`).
 
-    ``icom`` gives one pixel per scan step; ``cnn`` (weights from ``weights``, default
-    ``resources/cnn/weights.pt``, on ``device``) gives 4 pixels per scan step. The image is
+    ``icom``, ``ssb`` and ``wdd`` (:func:`direct_ptychography`, needs quantem) give one pixel per
+    scan step; ``cnn`` (weights from ``weights``, default ``resources/cnn/weights.pt``, on
+    ``device``) gives 4 pixels per scan step. The image is
     Fourier-resampled (:func:`square_pixels`) onto square pixels spanning the scanned extent,
     of ``sampling_A`` when that is finer than native, and also when the scan steps along x and y
     differ (``stem.scan_step_x_A`` / ``scan_step_y_A``).
@@ -190,6 +267,8 @@ def reconstruct(
         from octastem.cnn import predict_phase
 
         image, step = predict_phase(stem, weights=weights, device=device)
+    elif method in PTYCHOGRAPHY_KERNELS:
+        image, step = direct_ptychography(stem, method)
     else:
         raise InputError(f"reconstruct: unknown method {method!r}; expected one of {list(METHODS)}")
     step_x, step_y = float(stem.scan_step_x_A), float(stem.scan_step_y_A)
