@@ -117,7 +117,7 @@ rule dose:
 
 
 rule reconstruct:
-    """Phase image from the 4D-STEM dataset by the named method (icom, cnn)."""
+    """Phase image from the 4D-STEM dataset by the named method (icom, cnn, ssb, wdd)."""
     input:
         stem="results/stem/{sample}.h5",
         # the route's summary (averaging or periodic dose): switching stem.specimen re-makes the dataset
