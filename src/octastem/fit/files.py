@@ -128,7 +128,7 @@ def fit_image_file(
     With ``noise_bias_draws`` >= 2 the noise bias of each measured median is measured by
     :func:`noise_bias` (that many refits of the fitted structure plus the image's residual, shifted;
     random numbers from the ``fit_noise_bias`` stream of ``seed``) and each type gets
-    ``noise_bias``, ``noise_bias_se``, ``corrected_median_ellipticity`` (measured minus bias) and
+    ``noise_bias``, ``noise_bias_se``, ``corrected_median_ellipticity`` (measured minus bias, at least 1) and
     ``corrected_se`` (measured SE and bias SE in quadrature); 0: not measured (noise-free images).
     Returns the summary dict written to JSON."""
     if types is None:
@@ -177,7 +177,8 @@ def fit_image_file(
             entry["noise_bias"] = b.get("bias", math.nan)
             entry["noise_bias_se"] = b.get("bias_se", math.nan)
             entry["noise_bias_draws"] = b.get("n_draws", 0)
-            entry["corrected_median_ellipticity"] = entry["median_ellipticity"] - entry["noise_bias"]
+            # a ratio is >= 1 by construction: a correction past round is held at round
+            entry["corrected_median_ellipticity"] = max(1.0, entry["median_ellipticity"] - entry["noise_bias"])
             entry["corrected_se"] = math.hypot(entry["se"], entry["noise_bias_se"])
     if base is not None:
         for typ, entry in per_type.items():

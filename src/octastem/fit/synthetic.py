@@ -191,6 +191,8 @@ def noise_bias(
     shapes, result = cols, {}
     for it in range(int(iterations)):
         rendered = model_image(img.shape, s, shapes, bg)
+        if not np.all(np.isfinite(rendered)) or not np.all(np.isfinite(residual)):
+            raise InputError("noise_bias: the fitted structure renders non-finite values")
         medians = {typ: [] for typ in types}
         for d in range(int(draws)):
             shift = (int(rng.integers(1, img.shape[0])), int(rng.integers(1, img.shape[1])))
@@ -203,7 +205,7 @@ def noise_bias(
                     seed=seed + it * int(draws) + d,
                     **settings,
                 )
-            except InputError:
+            except (InputError, ValueError):  # too few columns found, or a fit that diverged
                 continue
             for typ in types:
                 ok = refit[(refit["type"] == typ) & refit["success"].astype(bool)]
