@@ -59,24 +59,14 @@ def cost_and_upsampling(optics: dict, cells: int, thickness: int, repeats: int, 
 
     from octastem.cnn.evaluate import br_ellipticity, pearson
     from octastem.cnn.input import UPSAMPLE, band_limit, target_phase
-    from octastem.evaluation import Case, case_frames, truths
-    from octastem.stem import fourier_upsample, reconstruct, simulate_4dstem
+    from octastem.evaluation import Case, case_frames, simulate_case, truths
+    from octastem.stem import fourier_upsample, reconstruct
 
     ev = schema_defaults("evaluation")
     case = Case("FA", 0.0, "static", thickness, 0.4)
     frames = case_frames(case, cells, ev["frames"], ev["rattle_A"], 0)
     truth = truths(frames, cells, optics, ev["fit_method"])
-    stem = simulate_4dstem(
-        frames,
-        energy_eV=optics["energy_eV"],
-        semiangle_mrad=optics["semiangle_mrad"],
-        scan_step_A=case.scan_step_A,
-        sampling_A=optics["sampling_A"],
-        slice_thickness_A=optics["slice_thickness_A"],
-        max_angle_mrad=optics["max_angle_mrad"],
-        num_workers=threads,
-        specimen="periodic",
-    )
+    stem = simulate_case(frames, case, optics, threads)
     ny, nx = stem.data.shape[:2]
     positions = ny * nx
     sampling = case.scan_step_A / UPSAMPLE

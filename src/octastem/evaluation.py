@@ -214,6 +214,23 @@ def truths(frames: list[Atoms], in_plane_cells: int, optics: dict, fit_method: s
     }
 
 
+
+def simulate_case(frames, case, optics: dict, threads: int | None):
+    """The noise-free periodic 4D-STEM scan of a case's frames with the suite's ``optics``."""
+    from octastem.stem import simulate_4dstem
+
+    return simulate_4dstem(
+        frames,
+        energy_eV=optics["energy_eV"],
+        semiangle_mrad=optics["semiangle_mrad"],
+        scan_step_A=case.scan_step_A,
+        sampling_A=optics["sampling_A"],
+        slice_thickness_A=optics["slice_thickness_A"],
+        max_angle_mrad=optics["max_angle_mrad"],
+        num_workers=threads,
+        specimen="periodic",
+    )
+
 def acquisition_label(dose: float | None, averaged_cells: int) -> str:
     """ "noise-free", or "<dose>x<cells>" (48x64: 48 e/A^2 averaged over 64 cells; 48x1 a single acquisition)."""
     return "noise-free" if dose is None else f"{dose:g}x{int(averaged_cells)}"
@@ -256,7 +273,7 @@ def run_case(
     from octastem.cnn.evaluate import br_ellipticity, pearson, ssim
     from octastem.cnn.input import UPSAMPLE, band_limit, target_phase
     from octastem.config import schema_defaults
-    from octastem.stem import reconstruct, simulate_4dstem
+    from octastem.stem import reconstruct
 
     methods = tuple(schema_defaults("reconstruct")["methods"] if methods is None else methods)
     cells = int(settings["in_plane_cells"])
@@ -265,17 +282,7 @@ def run_case(
     frames = case_frames(case, cells, settings["frames"], settings["rattle_A"], seed)
     truth = truths(frames, cells, optics, fit_method)
     t_truth = time.perf_counter() - t0
-    stem = simulate_4dstem(
-        frames,
-        energy_eV=optics["energy_eV"],
-        semiangle_mrad=optics["semiangle_mrad"],
-        scan_step_A=case.scan_step_A,
-        sampling_A=optics["sampling_A"],
-        slice_thickness_A=optics["slice_thickness_A"],
-        max_angle_mrad=optics["max_angle_mrad"],
-        num_workers=threads,
-        specimen="periodic",
-    )
+    stem = simulate_case(frames, case, optics, threads)
     t_sim = time.perf_counter() - t0 - t_truth
     e, alpha = optics["energy_eV"], optics["semiangle_mrad"]
     ny, nx = stem.data.shape[:2]
