@@ -386,6 +386,31 @@ def test_failed_baseline_leaves_the_measurement(tmp_path, monkeypatch):
     assert len(pd.read_csv(out_csv)) == 8
 
 
+def test_fit_file_runs_its_fits_on_one_blas_thread(tmp_path, monkeypatch):
+    """A threaded BLAS sums in a load-dependent order (results move in the 13th digit between runs);
+    every fit of an image file runs with the BLAS pools at one thread, the caller's setting restored after."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import octastem.fit.files as fit_module
+
+    img, s, n, cell, _ = synth(n=(2, 2), ratio=1.2, noise=0.01)
+    path = tmp_path / "phase.h5"
+    write_image(path, img, s, "phase", n_cells=list(n), cell_A=list(cell))
+    seen = []
+    real = fit_module.fit_columns
+
+    def recording(*args, **kwargs):
+        seen.append({p["filepath"]: p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"})
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fit_module, "fit_columns", recording)
+    with threadpool_limits(limits=2, user_api="blas"):
+        fit_module.fit_image_file(path, tmp_path / "fit.csv", tmp_path / "fit.json", types=("Br",), baseline=False)
+        after = {p["filepath"]: p["num_threads"] for p in threadpool_info() if p["user_api"] == "blas"}
+    assert seen and all(pools and set(pools.values()) == {1} for pools in seen)
+    assert set(after.values()) == {2}
+
+
 # ----------------------------------------------------------------------------------------------
 # Any contrast order of the columns
 # ----------------------------------------------------------------------------------------------

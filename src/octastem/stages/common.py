@@ -8,6 +8,8 @@ import os
 import sys
 from pathlib import Path
 
+from threadpoolctl import threadpool_limits
+
 from octastem import io
 
 log = logging.getLogger("octastem")
@@ -39,9 +41,19 @@ def logged(path: str | os.PathLike | None, smk=None):
     if smk is not None:
         io.RUN_CONTEXT.clear()
         io.RUN_CONTEXT.update(run_context(smk))
-    if path is None:
-        yield
-        return
+    with contextlib.ExitStack() as stack:
+        if smk is not None and getattr(smk, "threads", None):
+            # the job's BLAS/OpenMP pools sized to the threads Snakemake gave its rule
+            stack.enter_context(threadpool_limits(limits=int(smk.threads)))
+        if path is None:
+            yield
+        else:
+            with _log_to(path):
+                yield
+
+
+@contextlib.contextmanager
+def _log_to(path):
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w") as fh:
         handler = logging.StreamHandler(fh)
