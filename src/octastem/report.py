@@ -233,6 +233,13 @@ def table1_html(df: pd.DataFrame, notes: list[str], cmp: list[str] = ()) -> str:
     )
 
 
+def _simulation_text(stem) -> str:
+    """How the 4D-STEM was simulated: PRISM for a nanocrystal with ``method: prism``, else multislice."""
+    if stem.get("specimen") == "nanocrystal" and stem.get("method") == "prism":
+        return "abTEM PRISM (S-matrix, probe window of box / stem.prism_interpolation)"
+    return "abTEM multislice"
+
+
 def _potential_kind(potential: str) -> str:
     if potential == "reference_mace":
         return "MACE, PBE-D3(BJ), the study's own"
@@ -289,7 +296,7 @@ def notes_for(df: pd.DataFrame, md_summaries: list, md: dict, stem: dict, struct
             notes.append(f"{r['label']}: {r['origin']}, {r['n_columns']} Br columns fitted, SE: {r['se_method']}.")
     if any(df["simulated"] & (df["source"] == "4D-STEM")):
         notes.append(
-            f"Simulated 4D-STEM: abTEM multislice at {stem['energy_eV'] / 1e3:g} kV, convergence semi-angle "
+            f"Simulated 4D-STEM: {_simulation_text(stem)} at {stem['energy_eV'] / 1e3:g} kV, convergence semi-angle "
             f"{stem['semiangle_mrad']:g} mrad, scan step {stem['scan_step_A']:g} A, {stem['frames']} frozen-phonon MD "
             f"frames. Specimen: {specimen_text(stem, structure)}"
         )
