@@ -95,6 +95,7 @@ def _summary(image_path, attrs, df, types, per_type, base, baseline_error) -> di
     }
 
 
+@threadpool_limits.wrap(limits=1, user_api="blas")
 def fit_image_file(
     image_path,
     out_csv,
@@ -137,50 +138,6 @@ def fit_image_file(
     The fits run on one BLAS thread: their matrices are small, and a threaded BLAS sums in an
     order that changes with the machine's load, which moves the results in the 13th digit from
     one run to the next."""
-    with threadpool_limits(limits=1, user_api="blas"):
-        return _fit_image(
-            image_path,
-            out_csv,
-            out_json,
-            n_cells=n_cells,
-            cell_A=cell_A,
-            types=types,
-            window_A=window_A,
-            se_method=se_method,
-            n_boot=n_boot,
-            seed=seed,
-            plot_path=plot_path,
-            progress=progress,
-            max_pixels=max_pixels,
-            neighbours=neighbours,
-            method=method,
-            baseline=baseline,
-            noise=noise,
-            noise_bias_draws=noise_bias_draws,
-        )
-
-
-def _fit_image(
-    image_path,
-    out_csv,
-    out_json,
-    *,
-    n_cells,
-    cell_A,
-    types,
-    window_A,
-    se_method,
-    n_boot,
-    seed,
-    plot_path,
-    progress,
-    max_pixels,
-    neighbours,
-    method,
-    baseline,
-    noise,
-    noise_bias_draws,
-) -> dict:
     if types is None:
         types = tuple(schema_defaults("fit", "types"))
     if se_method is None:
