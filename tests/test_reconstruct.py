@@ -9,9 +9,14 @@ from abtem.core.energy import energy2wavelength
 from octastem.io import InputError, Stem4D
 from octastem.potential import projected_potential
 from octastem.stem import (
+    SamplingWarning,
     center_of_mass,
+    check_sampling,
     icom,
+    icom_transfer,
+    icom_wiener,
     integrate_gradient,
+    nyquist_step_A,
     reconstruct,
     simulate_4dstem,
     square_grid,
@@ -213,3 +218,74 @@ def test_bad_input():
         reconstruct(make_stem(good, 0.3), method="ptycho")
     image, sampling = reconstruct(make_stem(good, 0.3), method="icom")
     assert image.shape == (3, 3) and sampling == 0.3
+
+
+def test_icom_transfer_is_the_spectrum_of_the_probe_intensity():
+    # iCOM convolves the phase with the probe intensity |P|^2; the analytic transfer (overlap of
+    # two aperture discs) must equal the Fourier transform of the numerically formed probe intensity
+    n, sampling, semiangle = 256, 0.05, 25.0
+    wavelength = energy2wavelength(ENERGY)
+    k = np.hypot(np.fft.fftfreq(n, sampling)[None, :], np.fft.fftfreq(n, sampling)[:, None])
+    probe = np.fft.ifft2((k * wavelength <= semiangle * 1e-3).astype(float))
+    spectrum = np.real(np.fft.fft2(np.abs(probe) ** 2))
+    spectrum /= spectrum[0, 0]
+    transfer = icom_transfer((n, n), sampling, sampling, ENERGY, semiangle)
+    assert transfer[0, 0] == pytest.approx(1.0)
+    np.testing.assert_allclose(transfer, spectrum, atol=0.03)
+    # zero from 2 alpha / lambda on, monotonic before
+    cutoff = 2 * semiangle * 1e-3 / wavelength
+    assert np.all(transfer[k >= cutoff] == 0.0)
+    row = transfer[0, : n // 2]
+    assert np.all(np.diff(row) <= 1e-12)
+
+
+def test_icom_wiener_undoes_the_probe_blur_that_icom_leaves():
+    # a single spatial frequency q = 1 / A (near alpha / lambda, where iCOM keeps about half the
+    # amplitude): COM data of the phase blurred by the transfer, as a thin object gives them
+    step, ny, nx, q = 0.2, 20, 25, 1.0
+    x = np.arange(nx) * step
+    phase = 0.05 * np.cos(2 * np.pi * q * x)[None, :].repeat(ny, axis=0)
+    t_q = float(icom_transfer((1, nx), step, step, ENERGY, 25.0)[0, 5])  # fftfreq index 5 = 1 / A
+    assert np.fft.fftfreq(nx, step)[5] == pytest.approx(q) and 0.45 < t_q < 0.55
+    grad_x = -0.05 * 2 * np.pi * q * np.sin(2 * np.pi * q * x)[None, :].repeat(ny, axis=0) * t_q
+    theta_x = grad_x * energy2wavelength(ENERGY) / (2 * np.pi) * 1e3  # mrad
+    stem = make_stem(spot_patterns(theta_x, np.zeros_like(theta_x)), step)
+    plain, _ = icom(stem)
+    sharp, sampling = icom_wiener(stem, thickness_A=0.0, eps=1e-2)
+    assert sharp.shape == plain.shape == phase.shape and sampling == pytest.approx(step)
+    amplitude = lambda img: float(np.abs(np.fft.rfft(img.mean(axis=0)))[5] / (nx / 2))  # noqa: E731
+    assert amplitude(plain) == pytest.approx(0.05 * t_q, rel=0.02)
+    assert amplitude(sharp) == pytest.approx(0.05 * t_q**2 / (t_q**2 + 1e-2), rel=0.02)
+    assert pearson(sharp, phase) > 0.999
+    with pytest.raises(InputError, match="eps"):
+        icom_wiener(stem, thickness_A=0.0, eps=0.0)
+    with pytest.raises(InputError, match="thickness_A"):  # no thickness given or recorded
+        icom_wiener(stem)
+    recorded = make_stem(stem.data, step)
+    recorded.extra["thickness_A"] = 0.0
+    np.testing.assert_allclose(icom_wiener(recorded, eps=1e-2)[0], sharp)
+
+
+def test_thick_specimen_transfer_spreads_with_depth():
+    # the probe spreads by ~lambda z alpha along the specimen: the depth-averaged transfer keeps
+    # the thin one's limits (1 at q = 0, 0 beyond 2 alpha / lambda) and damps the band in between
+    thin = icom_transfer((1, 64), 0.1, 0.1, ENERGY, 25.0)[0]
+    nearly = icom_transfer((1, 64), 0.1, 0.1, ENERGY, 25.0, thickness_A=0.5)[0]
+    thick = icom_transfer((1, 64), 0.1, 0.1, ENERGY, 25.0, thickness_A=24.0)[0]
+    q = np.fft.fftfreq(64, 0.1)
+    band = (q > 0.3) & (q < 2.0)
+    assert thick[0] == pytest.approx(1.0) and np.all(thick[np.abs(q) > 2.6] == 0.0)
+    np.testing.assert_allclose(nearly, thin, atol=0.02)
+    assert np.all(thick[band] < thin[band]) and np.max(thin[band] - thick[band]) > 0.08
+    with pytest.raises(InputError, match="thickness_A"):
+        icom_transfer((4, 4), 0.1, 0.1, ENERGY, 25.0, thickness_A=-1.0)
+
+
+def test_scan_steps_coarser_than_the_band_warn():
+    assert nyquist_step_A(300e3, 25.0) == pytest.approx(0.197, abs=0.001)
+    data = spot_patterns(np.zeros((4, 4)), np.zeros((4, 4)))
+    assert check_sampling(make_stem(data, 0.2), "icom") is None
+    assert "0.4 A is coarser" in check_sampling(make_stem(data, 0.4), "icom_wiener")
+    assert check_sampling(make_stem(data, 0.4), "cnn") is None  # not a scan-grid method
+    with pytest.warns(SamplingWarning, match="aliased"):
+        reconstruct(make_stem(data, 0.4), "icom")

@@ -123,3 +123,62 @@ def test_headline_is_the_noise_corrected_median_with_measured_value_beside_it(tm
     assert tables["measured"].set_index("label").loc["Low", "median_ellipticity"] == pytest.approx(1.40)
     with pytest.raises(InputError, match="headline"):
         write_table1(out["csv"], out["md"], out["html"], *args, headline="best")
+
+
+def _suite_table(path):
+    rows = []
+    for method, step, dose, cells, delta, truth, read in [
+        ("cnn", 0.2, 48.0, 64, 0.0, 1.02, 1.06),
+        ("cnn", 0.2, 48.0, 64, 0.1, 1.20, 1.15),
+        ("cnn", 0.2, None, 1, 0.1, 1.20, 1.18),
+        ("cnn", 0.4, 48.0, 64, 0.1, 1.20, 1.40),
+        ("icom", 0.2, 48.0, 64, 0.1, 1.20, 1.10),
+    ]:
+        rows.append(
+            {
+                "method": method,
+                "case": f"FA_d{delta:.2f}_static_t4_s{step:.2f}",
+                "cation": "FA",
+                "delta_A": delta,
+                "thickness_cells": 4,
+                "scan_step_A": step,
+                "dose_e_per_A2": dose,
+                "averaged_cells": cells,
+                "n_seeds": 3 if dose else 1,
+                "br_ellipticity": read,
+                "br_ellipticity_std": 0.01,
+                "truth_band_limited": truth,
+                "bias_band_limited": read - truth,
+            }
+        )
+    pd.DataFrame(rows).to_csv(path, index=False)
+    return path
+
+
+def test_method_check_takes_the_suite_case_nearest_to_the_data(tmp_path):
+    from octastem.report import method_check, method_check_notes
+
+    suite = pd.read_csv(_suite_table(tmp_path / "suite.csv"))
+    # the averaged noisy row at the data's step whose truth is nearest the measured value
+    best = method_check(suite, "cnn", 48.0, 0.2, 24.0, 1.18)
+    assert best["case"] == "FA_d0.10_static_t4_s0.20" and best["bias_band_limited"] == pytest.approx(-0.05)
+    assert best["step_mismatch"] == 0.0
+    assert method_check(suite, "cnn", 48.0, 0.4, 24.0, 1.18)["bias_band_limited"] == pytest.approx(0.20)
+    assert method_check(suite, "wdd", 48.0, 0.2, 24.0, 1.18) is None
+    df = pd.DataFrame(
+        [
+            {
+                "source": "4D-STEM",
+                "dataset": "low_dose",
+                "label": "low dose",
+                "method": "cnn",
+                "dose_e_per_A2": 48.0,
+                "median_ellipticity": 1.18,
+            }
+        ]
+    )
+    notes = method_check_notes(
+        df, {"low_dose": {"dose_e_per_A2": 48.0}}, {"scan_step_A": 0.3}, {}, tmp_path / "suite.csv"
+    )
+    assert "bias -0.050" in notes[0] and "0.3 A) is not in the suite" in notes[0]
+    assert "no known-truth suite" in method_check_notes(df, {}, {}, {}, tmp_path / "none.csv")[0]

@@ -426,6 +426,8 @@ def _reconstruct(args: argparse.Namespace, extra: list[str]) -> int:
             sampling_A=args.sampling,
             weights=None if weights is None else str(weights),
             device=args.device if args.method == "cnn" else "cpu",
+            thickness_A=args.thickness,
+            wiener_eps=args.wiener_eps,
         )
     print(output)
     return 0
@@ -435,7 +437,7 @@ def _add_reconstruct(sub) -> None:
     r, d, cnn = schema_defaults("reconstruct"), schema_defaults("average"), schema_defaults("cnn")
     p = sub.add_parser(
         "reconstruct",
-        help="phase image (icom, cnn, ssb or wdd) of a 4D-STEM file, in the image format of the pipeline",
+        help="phase image (icom, icom_wiener, cnn, ssb or wdd) of a 4D-STEM file, in the image format of the pipeline",
         description="The phase image of one 4D-STEM file as the reconstruct rule makes it: HDF5 'image' (y, x; "
         "rad) with sampling_A, kind, n_cells and cell_A. An internal 4D-STEM file (results/stem/*.h5, or one "
         "written by octastem.io.write_4dstem) is reconstructed as it is. A raw detector file is first ingested "
@@ -458,6 +460,18 @@ def _add_reconstruct(sub) -> None:
     )
     p.add_argument("--device", default=cnn["device"], help=f"CNN device: auto, cpu, cuda[:N] (default {cnn['device']})")
     p.add_argument("--n-cells", type=int, nargs=2, metavar=("NX", "NY"), help="unit cells the scan spans")
+    p.add_argument(
+        "--thickness",
+        type=float,
+        metavar="A",
+        help="icom_wiener: specimen thickness along the beam (A; 0: thin; default: the file's thickness_A)",
+    )
+    p.add_argument(
+        "--wiener-eps",
+        type=float,
+        default=r["wiener_eps"],
+        help=f"icom_wiener regularisation (default {r['wiener_eps']})",
+    )
     a = p.add_argument_group("template-matching average (as the average rule)")
     a.add_argument("--average", action="store_true", help="average the scan onto one (super)cell first")
     a.add_argument("--cell-shape", type=int, nargs=2, metavar=("ROWS", "COLS"), help=f"default {d['cell_shape']}")

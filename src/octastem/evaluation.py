@@ -214,6 +214,33 @@ def truths(frames: list[Atoms], in_plane_cells: int, optics: dict, fit_method: s
     }
 
 
+def scan_grid_ellipticity(
+    limited: np.ndarray, cell_A, n_cells: int, step: float, energy_eV: float, semiangle_mrad: float
+) -> float:
+    """Median Br ellipticity of the band-limited image ``limited`` (y, x; periodic over ``cell_A``
+    of ``n_cells`` x ``n_cells`` cells) point-sampled at scan step ``step`` (the nearest grid that
+    fits the cell), Fourier-interpolated to ``UPSAMPLE`` pixels per step, band-limited and fitted
+    (fast): the best a method with one pixel per scan position can do (benchmarks/sampling.py).
+    Equal to the truth while ``step`` <= lambda / (4 alpha); aliased beyond."""
+    from scipy.signal import resample
+
+    from octastem.cnn.evaluate import br_ellipticity
+    from octastem.cnn.input import UPSAMPLE, band_limit
+
+    lx, ly = cell_A
+    ny, nx = limited.shape
+    mx, my = int(round(lx / step)), int(round(ly / step))
+    # point samples at the scan positions (not a low-pass resampling): the band-limited image is a
+    # finite Fourier series, so its Fourier interpolation onto a grid k times the scan's is exact,
+    # and every k-th pixel of that grid is a scan position
+    k = max(1, int(np.ceil(max(nx / mx, ny / my))))
+    dense = resample(resample(limited, my * k, axis=0), mx * k, axis=1)
+    coarse = dense[::k, ::k]
+    fine = resample(resample(coarse, my * UPSAMPLE, axis=0), mx * UPSAMPLE, axis=1)
+    samp = lx / (mx * UPSAMPLE)
+    fine = band_limit(fine, (samp, ly / (my * UPSAMPLE)), energy_eV, semiangle_mrad)
+    return br_ellipticity(fine, samp, (n_cells, n_cells), cell_A, "fast")
+
 
 def simulate_case(frames, case, optics: dict, threads: int | None):
     """The noise-free periodic 4D-STEM scan of a case's frames with the suite's ``optics``."""
@@ -230,6 +257,7 @@ def simulate_case(frames, case, optics: dict, threads: int | None):
         num_workers=threads,
         specimen="periodic",
     )
+
 
 def acquisition_label(dose: float | None, averaged_cells: int) -> str:
     """ "noise-free", or "<dose>x<cells>" (48x64: 48 e/A^2 averaged over 64 cells; 48x1 a single acquisition)."""
@@ -291,6 +319,7 @@ def run_case(
     samp_xy = (step_x / UPSAMPLE, step_y / UPSAMPLE)
     sampling = 0.5 * (samp_xy[0] + samp_xy[1])
     cell_A = truth["cell_A"]
+    thickness_A = case.thickness_cells * LATTICE_A[case.cation]  # icom_wiener's transfer: the known thickness
     phase = energy2sigma(e) * np.asarray(truth["potential"], dtype=np.float64)
     truth_phase = target_phase(phase, out_shape, cell_A, e, alpha)
     rows = []
@@ -298,7 +327,9 @@ def run_case(
         stem, settings["acquisitions"], settings["n_seeds"], seed, case.structure_key
     ):
         for method in methods:
-            image, _ = reconstruct(acq, method, sampling_A=sampling, weights=weights, device=device)
+            image, _ = reconstruct(
+                acq, method, sampling_A=sampling, weights=weights, device=device, thickness_A=thickness_A
+            )
             if image.shape != out_shape:
                 raise RuntimeError(f"evaluation: {method} image {image.shape}, expected {out_shape}")
             image = band_limit(image, samp_xy, e, alpha)
@@ -436,6 +467,46 @@ def plot_suite(path: str | os.PathLike, rows: list[dict]) -> None:
     plt.close(fig)
 
 
+def checkpoint_key(settings: dict, optics: dict, methods, weights, seed: int) -> str:
+    """sha256 of everything a case's result depends on besides the case itself: the settings
+    (without the grid), the optics, the methods, the CNN weights' content and the seed."""
+    import hashlib
+    import json
+
+    from octastem.io import sha256_file
+
+    grid_keys = ("cations", "delta_A", "phonons", "thickness_cells", "scan_step_A")
+    weights_sha = None
+    if weights is not None and Path(weights).is_file():
+        weights_sha = sha256_file(weights)
+    text = json.dumps(
+        {
+            "settings": {k: v for k, v in settings.items() if k not in grid_keys},
+            "optics": optics,
+            "methods": list(methods),
+            "weights": weights_sha if weights is not None else None,
+            "seed": int(seed),
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def load_checkpoint(path: Path, key: str) -> dict | None:
+    """The result stored for a case at ``path`` when it was made with ``key``; None otherwise (no
+    file, another key, or a file that does not parse: that case is simply run again)."""
+    import json
+
+    try:
+        record = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("key") != key or "result" not in record:
+        return None
+    return record["result"]
+
+
 def run_suite(
     out_dir: str | os.PathLike,
     *,
@@ -453,9 +524,14 @@ def run_suite(
 
     ``settings``: the grid (see :func:`cases`), ``in_plane_cells``, ``frames``, ``rattle_A``,
     ``acquisitions`` (list of ``{dose_e_per_A2: float or None, averaged_cells: int}``),
-    ``n_seeds`` and ``fit_method``; keys left out take the schema's values. ``methods``: default the
-    schema's ``reconstruct.methods``, any of :data:`octastem.stem.reconstruct.METHODS`;
+    ``n_seeds``, ``fit_method`` and ``methods``; keys left out take the schema's values. ``methods``
+    (overrides ``settings['methods']``; both None: the schema's ``reconstruct.methods``): any of
+    :data:`octastem.stem.reconstruct.METHODS`;
     ``weights``/``device``: those of the CNN.
+    Every finished case is written to ``out_dir/cases/<case>.json`` (atomically) with a key of
+    the settings, optics, methods, weights and seed (:func:`checkpoint_key`); a rerun with the same
+    key takes those cases from there, so an interrupted suite resumes where it stopped and a grid
+    grown by a case runs only the new one.
     Returns the JSON record (settings, machine, per-case timing and truths, per-seed rows, table).
     """
     import logging
@@ -469,7 +545,9 @@ def run_suite(
     optics = {
         k: optics[k] for k in ("energy_eV", "semiangle_mrad", "max_angle_mrad", "sampling_A", "slice_thickness_A")
     }
-    methods = list(schema_defaults("reconstruct")["methods"] if methods is None else methods)
+    if methods is None:
+        methods = settings.get("methods") or schema_defaults("reconstruct")["methods"]
+    methods = list(methods)
     unknown = [m for m in methods if m not in METHODS]
     if unknown:
         raise InputError(f"evaluation: unknown methods {unknown}; expected some of {list(METHODS)}")
@@ -477,25 +555,40 @@ def run_suite(
         raise InputError("evaluation: acquisitions must be non-empty, n_seeds and in_plane_cells at least 1")
     grid = cases(settings)
     machine = machine_info(threads=threads)
+    out_dir = Path(out_dir)
+    key = checkpoint_key(settings, optics, methods, weights, seed)
     t0 = time.perf_counter()
     table, per_case = [], []
+    resumed = 0
     for n, case in enumerate(grid):
-        result = run_case(
-            case,
-            settings=settings,
-            optics=optics,
-            methods=methods,
-            weights=weights,
-            device=device,
-            seed=seed,
-            threads=threads,
-        )
+        path = out_dir / "cases" / f"{case.name}.json"
+        result = load_checkpoint(path, key)
+        from_checkpoint = result is not None
+        if not from_checkpoint:
+            result = run_case(
+                case,
+                settings=settings,
+                optics=optics,
+                methods=methods,
+                weights=weights,
+                device=device,
+                seed=seed,
+                threads=threads,
+            )
+            write_json(path, {"key": key, "result": result})
+        resumed += from_checkpoint
         table.extend(summarize(case, result))
         per_case.append({"case": case.name, **asdict(case), **{k: v for k, v in result.items() if k != "rows"}})
         per_case[-1]["rows"] = result["rows"]
         if progress:
-            log.info("case %d/%d %s: %.1f s", n + 1, len(grid), case.name, result["seconds"]["total"])
-    out_dir = Path(out_dir)
+            log.info(
+                "case %d/%d %s: %.1f s%s",
+                n + 1,
+                len(grid),
+                case.name,
+                result["seconds"]["total"],
+                " (its checkpoint)" if from_checkpoint else "",
+            )
     write_table(out_dir / "suite.csv", table)
     plot_suite(out_dir / "suite.png", table)
     record = {
@@ -505,6 +598,7 @@ def run_suite(
         "weights": None if weights is None else str(weights),
         "seed": int(seed),
         "n_cases": len(grid),
+        "n_cases_resumed": resumed,
         "machine": {**machine, "load_average_at_end": list(os.getloadavg())},
         "seconds_total": time.perf_counter() - t0,
         "cases": per_case,

@@ -320,6 +320,104 @@ def notes_for(df: pd.DataFrame, md_summaries: list, md: dict, stem: dict, struct
     return notes + few_columns_notes(df)
 
 
+def _suite_rows(path) -> pd.DataFrame | None:
+    """The known-truth suite's table (``suite.csv`` of :func:`octastem.evaluation.run_suite`), or None."""
+    if path is None or not Path(path).is_file():
+        return None
+    table = pd.read_csv(path)
+    need = {
+        "method",
+        "case",
+        "cation",
+        "delta_A",
+        "thickness_cells",
+        "scan_step_A",
+        "dose_e_per_A2",
+        "averaged_cells",
+        "n_seeds",
+        "br_ellipticity",
+        "br_ellipticity_std",
+        "truth_band_limited",
+        "bias_band_limited",
+    }
+    missing = sorted(need - set(table.columns))
+    if missing:
+        raise InputError(f"{path}: suite table lacks columns {missing}")
+    return table
+
+
+def method_check(
+    suite: pd.DataFrame, method: str, dose: float, step_A: float, thickness_A: float | None, value: float
+) -> dict | None:
+    """The suite's row nearest to a measurement: ``method``; the dose nearest ``dose`` (noisy rows
+    first, the template-matching average preferred); the scan step nearest ``step_A``; the
+    thickness nearest ``thickness_A`` (A; FA cells of 6 A, Cs of 5.87 A); FA on the A site when
+    present; then the split whose band-limited truth is nearest the measured ``value``. Returns the
+    row as a dict with ``step_mismatch`` (relative) and ``thickness_A`` of the case; None when the
+    suite has no row of ``method``."""
+    from octastem.evaluation import LATTICE_A
+
+    rows = suite[suite["method"] == method].copy()
+    if rows.empty:
+        return None
+    if (rows["cation"] == "FA").any():
+        rows = rows[rows["cation"] == "FA"]
+    noisy = rows[rows["dose_e_per_A2"].notna()]
+    if not noisy.empty:
+        rows = noisy
+        rows = rows[(rows["dose_e_per_A2"] - dose).abs() == (rows["dose_e_per_A2"] - dose).abs().min()]
+        rows = rows[rows["averaged_cells"] == rows["averaged_cells"].max()]
+    rows = rows[(rows["scan_step_A"] - step_A).abs() == (rows["scan_step_A"] - step_A).abs().min()]
+    rows = rows.assign(thickness_A=[t * LATTICE_A.get(c, 6.0) for t, c in zip(rows["thickness_cells"], rows["cation"])])
+    if thickness_A is not None:
+        rows = rows[(rows["thickness_A"] - thickness_A).abs() == (rows["thickness_A"] - thickness_A).abs().min()]
+    best = rows.iloc[int(np.argmin((rows["truth_band_limited"] - value).abs().to_numpy()))].to_dict()
+    best["step_mismatch"] = abs(float(best["scan_step_A"]) - step_A) / step_A
+    return best
+
+
+def method_check_notes(df: pd.DataFrame, samples: dict, stem: dict, thickness: dict, suite_table) -> list[str]:
+    """For each 4D-STEM column: the measured bias of its method on the known-truth suite's case
+    nearest to the data (:func:`method_check`), in words; one line when there is no suite table."""
+    suite = _suite_rows(suite_table)
+    name = "/".join(Path(suite_table).parts[-4:])  # as the repository names it, not this machine's path
+    rows = df[df["source"] == "4D-STEM"]
+    if rows.empty:
+        return []
+    if suite is None:
+        return [f"Method check: no known-truth suite table at {name} (rule evaluate_suite makes one)."]
+    out = []
+    for _, r in rows.iterrows():
+        s = samples[r["dataset"]]
+        step = (
+            float(s["raw"]["calibration"].get("scan_step_A", stem["scan_step_A"]))
+            if "raw" in s
+            else float(stem["scan_step_A"])
+        )
+        t = thickness.get(r["dataset"]) if thickness else None
+        c = method_check(suite, r["method"], float(r["dose_e_per_A2"]), step, t, float(r["median_ellipticity"]))
+        if c is None:
+            out.append(f"Method check, {r['label']}: the suite ({name}) has no rows of method {r['method']}.")
+            continue
+        acq = (
+            "noise free"
+            if not np.isfinite(c["dose_e_per_A2"])
+            else (f"{c['dose_e_per_A2']:g} e/A^2 x {int(c['averaged_cells'])} cells, {int(c['n_seeds'])} noise draws")
+        )
+        text = (
+            f"Method check, {r['label']}: on the known-truth suite's nearest case ({c['case']}, {acq}; "
+            f"{name}) {r['method']} reads {c['br_ellipticity']:.3f} ± {c['br_ellipticity_std']:.3f} for a "
+            f"band-limited truth of {c['truth_band_limited']:.3f}: bias {c['bias_band_limited']:+.3f}."
+        )
+        if c["step_mismatch"] > 0.05:
+            text += (
+                f" The data's scan step ({step:g} A) is not in the suite (nearest {c['scan_step_A']:g} A): the bias "
+                "at the data's step is not measured."
+            )
+        out.append(text)
+    return out
+
+
 def noise_text(r) -> str:
     """How noise enters a 4D-STEM column's value: the measured median, its noise bias and what
     noise alone gives for round columns at the same SNR."""
@@ -368,12 +466,18 @@ def write_table1(
     seeds=None,
     comparisons_csv=None,
     headline="corrected",
+    suite_table=None,
+    thickness=None,
 ) -> pd.DataFrame:
     """Table 1 as CSV, Markdown (with comparisons, per-projection values, convergence, notes and
     provenance), HTML; ``provenance_json`` gets the full record, ``comparisons_csv`` the table of
-    :func:`comparisons`; ``headline``: the 4D-STEM value shown (:data:`HEADLINES`)."""
+    :func:`comparisons`; ``headline``: the 4D-STEM value shown (:data:`HEADLINES`); ``suite_table``:
+    the known-truth suite's ``suite.csv`` whose nearest case states each 4D-STEM column's method bias
+    (:func:`method_check_notes`; ``thickness``: specimen thickness per sample, A)."""
     df = build_table1(columns, fit_paths, samples, method, headline)
     notes = notes_for(df, md_summaries, md, stem, structure, systems)
+    if suite_table is not None:
+        notes += method_check_notes(df, samples, stem, thickness or {}, suite_table)
     cmp = comparisons(df, columns, samples, systems)
     cmp_text = comparison_lines(cmp)
     conv = convergence_lines(df, fit_paths)

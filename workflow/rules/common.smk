@@ -149,6 +149,32 @@ def image_geometry_of(sample):
     return image_geometry()
 
 
+def thickness_of(sample):
+    """Specimen thickness (A) along the beam for icom_wiener: reconstruct.thickness_A when given, else
+    that of the simulated specimen (the nanocrystal's edge, or the periodic MD cell along z); None for
+    measured data without it (icom_wiener then stops with a clear error)."""
+    given = config["reconstruct"].get("thickness_A")
+    if given is not None:
+        return float(given)
+    if sample in RAW_SAMPLES:
+        return None
+    if NANOCRYSTAL:
+        return float(config["stem"]["nanocrystal"]["edge_A"])
+    return float(config["structure"]["reps"][2] * config["structure"]["a_A"])
+
+
+def suite_table_path():
+    """reconstruct.suite_table resolved like the CNN weights (local_path), or None when not configured."""
+    table = config["reconstruct"].get("suite_table")
+    return local_path(table) if table else None
+
+
+def suite_table_input():
+    """The suite table as an input of the report when it exists (a new one re-makes Table 1)."""
+    path = suite_table_path()
+    return [path] if path and Path(path).is_file() else []
+
+
 def average_cell_shape(sample):
     """Output positions per averaged (super)cell: from the config for raw data; null for a simulated
     nanocrystal scan, whose recorded positions per MD cell are used (equal contributions per position)."""

@@ -4,6 +4,8 @@ rule table1:
         fits=table1_fits(),
         md=expand("results/md/{system}/analysis.json", system=SYSTEMS),
         stem=expand("results/stem/{sample}.h5", sample=SAMPLES),
+        # the known-truth suite's table when there is one (the report says so when there is not)
+        suite=suite_table_input(),
     output:
         csv=report(
             "results/report/table1.csv",
@@ -28,6 +30,8 @@ rule table1:
         structure=config["structure"],
         method=config["reconstruct"]["table_method"],
         headline=config["fit"]["headline"],
+        suite_table=suite_table_path(),
+        thickness={s: thickness_of(s) for s in SAMPLES},
     log:
         "logs/report/table1.log",
     conda:

@@ -117,7 +117,7 @@ rule dose:
 
 
 rule reconstruct:
-    """Phase image from the 4D-STEM dataset by the named method (icom, cnn, ssb, wdd)."""
+    """Phase image from the 4D-STEM dataset by the named method (icom, icom_wiener, cnn, ssb, wdd)."""
     input:
         stem="results/stem/{sample}.h5",
         # the route's summary (averaging or periodic dose): switching stem.specimen re-makes the dataset
@@ -129,6 +129,8 @@ rule reconstruct:
         n_cells=lambda wc: image_geometry_of(wc.sample),
         sampling_A=config["reconstruct"]["sampling_A"],
         device=lambda wc: config["cnn"]["device"] if wc.method == "cnn" else "cpu",
+        thickness_A=lambda wc: thickness_of(wc.sample),
+        wiener_eps=config["reconstruct"]["wiener_eps"],
     log:
         "logs/reconstruct/{sample}_{method}.log",
     conda:

@@ -254,13 +254,32 @@ def average(
 
 def reconstruct(
     *,
-    input_path, output, method: str, n_cells=None, sampling_A: float | None = None, weights=None, device="auto"
+    input_path,
+    output,
+    method: str,
+    n_cells=None,
+    sampling_A: float | None = None,
+    weights=None,
+    device="auto",
+    thickness_A: float | None = None,
+    wiener_eps: float | None = None,
 ) -> None:
-    """Phase image of a 4D-STEM dataset by ``method``, interpolated to ``sampling_A`` when finer than native."""
+    """Phase image of a 4D-STEM dataset by ``method``, interpolated to ``sampling_A`` when finer than
+    native; ``thickness_A`` / ``wiener_eps``: those of ``icom_wiener`` (None: the file's
+    ``thickness_A`` attribute / the default)."""
     from octastem.stem import reconstruct as run
+    from octastem.stem.reconstruct import WIENER_EPS
 
     stem = io.read_4dstem(input_path)
-    image, sampling = run(stem, method, sampling_A=sampling_A, weights=weights or None, device=device)
+    image, sampling = run(
+        stem,
+        method,
+        sampling_A=sampling_A,
+        weights=weights or None,
+        device=device,
+        thickness_A=thickness_A,
+        wiener_eps=WIENER_EPS if wiener_eps is None else wiener_eps,
+    )
     # the in-plane cell the image spans: simulated scans carry it; averaged cells give it by their
     # (super)cell, output shape and per-axis steps; otherwise the image extent
     extra = stem.extra
@@ -282,5 +301,11 @@ def reconstruct(
         cell_A=cell_xy,
         dose_e_per_A2=stem.dose_e_per_A2,
         source=stem.source,
-        provenance=io.provenance(stem=str(input_path), method=method, sampling_A=sampling_A, weights=weights),
+        provenance=io.provenance(
+            stem=str(input_path),
+            method=method,
+            sampling_A=sampling_A,
+            weights=weights,
+            **({"thickness_A": thickness_A, "wiener_eps": wiener_eps} if method == "icom_wiener" else {}),
+        ),
     )

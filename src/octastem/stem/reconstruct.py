@@ -1,4 +1,5 @@
-"""Phase images from 4D-STEM: centre of mass (COM), integrated COM (iCOM), the CNN of
+"""Phase images from 4D-STEM: centre of mass (COM), integrated COM (iCOM), iCOM deconvolved by its
+transfer function (method ``icom_wiener``, :func:`icom_wiener`), the CNN of
 :mod:`octastem.cnn` (method ``cnn``) and direct ptychography by quantem (methods ``ssb``,
 single-sideband, and ``wdd``, Wigner distribution deconvolution; :func:`direct_ptychography`).
 
@@ -18,10 +19,20 @@ import numpy as np
 
 from octastem.io import InputError, Stem4D
 
-METHODS = ("icom", "cnn", "ssb", "wdd")
+METHODS = ("icom", "icom_wiener", "cnn", "ssb", "wdd")
+
+#: the methods that give one pixel per scan position (their band must fit the scan's Nyquist limit)
+SCAN_GRID_METHODS = ("icom", "icom_wiener", "ssb", "wdd")
+
+#: regularisation of :func:`icom_wiener` (noise-to-signal power of the Wiener filter)
+WIENER_EPS = 1e-3
 
 #: the direct-ptychography methods and their quantem deconvolution kernels
 PTYCHOGRAPHY_KERNELS = {"ssb": "ssb", "wdd": "wdd"}
+
+
+class SamplingWarning(UserWarning):
+    """A scan too coarse for the method's band: column shapes will be biased (:func:`check_sampling`)."""
 
 
 def validate(stem: Stem4D, name: str = "4D-STEM") -> np.ndarray:
@@ -110,6 +121,119 @@ def icom(stem: Stem4D, origin: str = "mean") -> tuple[np.ndarray, float]:
     phase = integrate_gradient(scale * com_x, scale * com_y, step_x, step_y)
     phase -= phase.mean()
     return phase.astype(np.float32), float(0.5 * (step_x + step_y))
+
+
+def icom_transfer(
+    shape: tuple[int, int],
+    step_x: float,
+    step_y: float,
+    energy_eV: float,
+    semiangle_mrad: float,
+    thickness_A: float = 0.0,
+    n_depths: int = 16,
+) -> np.ndarray:
+    """iCOM's transfer function on the periodic scan grid ``shape`` (y, x), ``numpy.fft`` order.
+
+    A thin phase object: the iCOM image is the phase convolved with the probe intensity (for any
+    phase strength, Ehrenfest), whose Fourier transform is the autocorrelation of the aperture,
+    the normalised overlap area of two discs of radius alpha / lambda at a distance |q| (1 at
+    q = 0, 0 from |q| = 2 alpha / lambda on); that is ``thickness_A`` = 0. A specimen of
+    ``thickness_A``: each slice at depth z is seen through the probe as it has propagated to z
+    (focused on the entrance surface, Fresnel-spread by z), so the transfer is the mean over
+    ``n_depths`` depths of the spectrum of the defocused probe's intensity (first order in the
+    scattering; channelling beyond it is not modelled). The spread sqrt(lambda z) is 0.7 A at
+    24 A and 300 kV, the size of a split Br column: ignoring it rounds split columns."""
+    from abtem.core.energy import energy2wavelength
+
+    ny, nx = shape
+    wavelength = energy2wavelength(float(energy_eV))
+    radius = float(semiangle_mrad) * 1e-3 / wavelength
+    q = np.hypot(np.fft.fftfreq(ny, d=step_y)[:, None], np.fft.fftfreq(nx, d=step_x)[None, :])
+    thickness_A = float(thickness_A)
+    if not (np.isfinite(thickness_A) and thickness_A >= 0):
+        raise InputError(f"icom_transfer: thickness_A must be a number >= 0, got {thickness_A}")
+    if thickness_A == 0:
+        x = np.clip(q / (2.0 * radius), 0.0, 1.0)
+        return (2.0 / np.pi) * (np.arccos(x) - x * np.sqrt(1.0 - x * x))
+    # radial profile from a probe grid whose k range holds the band (sampling 1 / (8 R)) and whose
+    # extent holds the probe spread to the exit surface (lambda t R) and resolves the aperture (32 / R)
+    spread = wavelength * thickness_A * radius + 2.0 / radius
+    extent = max(32.0 / radius, 4.0 * spread)
+    n = int(2 ** np.ceil(np.log2(max(256.0, 8.0 * radius * extent))))
+    sampling = 1.0 / (8.0 * radius)
+    k = np.fft.fftfreq(n, d=sampling)
+    k2 = k[None, :] ** 2 + k[:, None] ** 2
+    aperture = (k2 <= radius**2).astype(np.complex128)
+    mean = np.zeros(n)
+    for z in (np.arange(int(n_depths)) + 0.5) / int(n_depths) * thickness_A:
+        probe = np.fft.ifft2(aperture * np.exp(-1j * np.pi * wavelength * z * k2))
+        spectrum = np.real(np.fft.fft2(np.abs(probe) ** 2))
+        mean += spectrum[0] / spectrum[0, 0]
+    mean /= int(n_depths)
+    half = n // 2
+    out = np.interp(q, k[:half], mean[:half], right=0.0)
+    out[q >= 2.0 * radius] = 0.0  # no transfer beyond the disc overlap (the profile's round-off there)
+    return out
+
+
+def icom_wiener(
+    stem: Stem4D, thickness_A: float | None = None, eps: float = WIENER_EPS, origin: str = "mean"
+) -> tuple[np.ndarray, float]:
+    """iCOM phase image deconvolved by its transfer function (:func:`icom_transfer` for a specimen of
+    ``thickness_A``) with a Wiener filter T / (T^2 + ``eps``); float32 (scan_y, scan_x), zero mean,
+    and its sampling (A).
+
+    iCOM damps every spatial frequency q by the overlap of two aperture discs (T falls from 1 to
+    about 0.4 at alpha / lambda and to 0 at 2 alpha / lambda), and in a thick specimen further by
+    the probe's spread with depth; this rounds split columns and broadens round ones. The filter
+    restores the band where T^2 >> ``eps`` and leaves the frequencies beyond 2 alpha / lambda (no
+    information, only noise) at zero. ``thickness_A``: the specimen thickness along the beam
+    (A; 0: a thin object); None takes ``stem.extra['thickness_A']`` and fails with
+    :class:`InputError` when the file has none. Same grid, sign and units as :func:`icom`; the
+    probe is taken as focused on the entrance surface.
+    """
+    eps = float(eps)
+    if not (np.isfinite(eps) and eps > 0):
+        raise InputError(f"icom_wiener: eps must be a positive number, got {eps}")
+    if thickness_A is None:
+        thickness_A = stem.extra.get("thickness_A")
+    if thickness_A is None:
+        raise InputError(
+            "icom_wiener: the specimen thickness is unknown: give reconstruct.thickness_A (A; 0 for a thin "
+            "specimen) or record an attribute 'thickness_A' in the 4D-STEM file"
+        )
+    image, step = icom(stem, origin=origin)
+    step_x, step_y = float(stem.scan_step_x_A), float(stem.scan_step_y_A)
+    t = icom_transfer(image.shape, step_x, step_y, stem.energy_eV, stem.semiangle_mrad, float(thickness_A))
+    out = np.real(np.fft.ifft2(np.fft.fft2(image.astype(np.float64)) * t / (t * t + eps)))
+    out -= out.mean()
+    return out.astype(np.float32), step
+
+
+def nyquist_step_A(energy_eV: float, semiangle_mrad: float) -> float:
+    """The coarsest scan step (A) whose Nyquist frequency holds the 4D-STEM transfer band
+    |q| <= 2 alpha / lambda: lambda / (4 alpha) (0.197 A at 300 kV and 25 mrad)."""
+    from abtem.core.energy import energy2wavelength
+
+    return float(energy2wavelength(float(energy_eV)) / (4.0 * float(semiangle_mrad) * 1e-3))
+
+
+def check_sampling(stem: Stem4D, method: str) -> str | None:
+    """A warning text when ``method`` gives one pixel per scan position (:data:`SCAN_GRID_METHODS`)
+    and the scan step is coarser than :func:`nyquist_step_A`; None otherwise. The transfer band
+    then folds onto itself: column shapes come out wrong by an amount that depends on the
+    structure (benchmarks/results/sampling.json)."""
+    if method not in SCAN_GRID_METHODS:
+        return None
+    limit = nyquist_step_A(stem.energy_eV, stem.semiangle_mrad)
+    step = max(float(stem.scan_step_x_A), float(stem.scan_step_y_A))
+    if step <= limit * 1.02:
+        return None
+    return (
+        f"{method}: the scan step {step:.3g} A is coarser than lambda / (4 alpha) = {limit:.3g} A "
+        f"({float(stem.energy_eV) / 1e3:g} kV, {float(stem.semiangle_mrad):g} mrad): the image is aliased and "
+        "column shapes (ellipticities) are biased; scan at most that step to measure them"
+    )
 
 
 def direct_ptychography(stem: Stem4D, method: str = "ssb") -> tuple[np.ndarray, float]:
@@ -251,18 +375,29 @@ def reconstruct(
     sampling_A: float | None = None,
     weights: str | None = None,
     device: str = "auto",
+    thickness_A: float | None = None,
+    wiener_eps: float = WIENER_EPS,
 ) -> tuple[np.ndarray, float]:
     """Phase image (y, x) on square pixels and its pixel size (A) by ``method`` (one of :data:`METHODS`).
 
-    ``icom``, ``ssb`` and ``wdd`` (:func:`direct_ptychography`, needs quantem) give one pixel per
-    scan step; ``cnn`` (weights from ``weights``, default ``resources/cnn/weights.pt``, on
+    ``icom``, ``icom_wiener``, ``ssb`` and ``wdd`` (:func:`direct_ptychography`, needs quantem) give
+    one pixel per scan step (a :class:`SamplingWarning` when the step is coarser than
+    :func:`nyquist_step_A`); ``cnn`` (weights from ``weights``, default ``resources/cnn/weights.pt``, on
     ``device``) gives 4 pixels per scan step. The image is
     Fourier-resampled (:func:`square_pixels`) onto square pixels spanning the scanned extent,
     of ``sampling_A`` when that is finer than native, and also when the scan steps along x and y
-    differ (``stem.scan_step_x_A`` / ``scan_step_y_A``).
+    differ (``stem.scan_step_x_A`` / ``scan_step_y_A``). ``thickness_A`` and ``wiener_eps``: those
+    of :func:`icom_wiener` (the other methods ignore them).
     """
+    note = check_sampling(stem, method)
+    if note is not None:
+        import warnings
+
+        warnings.warn(note, SamplingWarning, stacklevel=2)
     if method == "icom":
         image, step = icom(stem)
+    elif method == "icom_wiener":
+        image, step = icom_wiener(stem, thickness_A=thickness_A, eps=wiener_eps)
     elif method == "cnn":
         from octastem.cnn import predict_phase
 
