@@ -51,6 +51,8 @@ def test_tiny_suite_table_truth_and_plot(tmp_path):
         assert float(r["bias_band_limited"]) == pytest.approx(bias, abs=1e-4)  # 6 digits in the table
         assert 0.5 < float(r["pearson"]) <= 1.0 and int(r["n_failed_fits"]) == 0
     assert (tmp_path / "suite.png").stat().st_size > 10_000
+    md = (tmp_path / "suite.md").read_text()
+    assert "## 48x64" in md and "| icom_wiener |" in md and md.count("\n| cnn |") == 2
     assert record["machine"]["load_average_at_start"] and record["n_cases"] == 2
 
 

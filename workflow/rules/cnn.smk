@@ -85,6 +85,7 @@ rule evaluate_suite:
     output:
         table=report("results/cnn/suite/suite.csv", category="CNN", caption="../report/suite.rst"),
         summary="results/cnn/suite/suite.json",
+        markdown="results/cnn/suite/suite.md",
         plot=report("results/cnn/suite/suite.png", category="CNN", caption="../report/suite.rst"),
     params:
         evaluation=config["evaluation"],

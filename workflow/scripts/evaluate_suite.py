@@ -6,6 +6,7 @@ with stages.logged(snakemake.log[0], snakemake):
         table=snakemake.output.table,
         summary=snakemake.output.summary,
         plot=snakemake.output.plot,
+        markdown=snakemake.output.markdown,
         threads=snakemake.threads,
         **dict(snakemake.params.items()),
     )

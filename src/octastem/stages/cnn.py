@@ -46,6 +46,7 @@ def evaluate_suite(
     summary,
     plot,
     evaluation: dict,
+    markdown=None,
     optics: dict,
     seed: int,
     device: str,
@@ -58,8 +59,8 @@ def evaluate_suite(
     from octastem.io import InputError
 
     out_dir = Path(table).parent
-    expected = {"table": "suite.csv", "summary": "suite.json", "plot": "suite.png"}
-    given = {"table": table, "summary": summary, "plot": plot}
+    expected = {"table": "suite.csv", "summary": "suite.json", "plot": "suite.png", "markdown": "suite.md"}
+    given = {"table": table, "summary": summary, "plot": plot, "markdown": markdown or out_dir / "suite.md"}
     for key, name in expected.items():
         if Path(given[key]) != out_dir / name:
             raise InputError(f"evaluate_suite: output '{key}' must be {out_dir / name}, got {given[key]}")
