@@ -30,7 +30,8 @@ rule table1:
         structure=config["structure"],
         method=config["reconstruct"]["table_method"],
         headline=config["fit"]["headline"],
-        suite_table=suite_table_path(),
+        # the suite table as an input when it exists, else the configured path (the report says none is there)
+        suite_table=lambda wc, input: input.suite[0] if input.suite else suite_table_path(),
         thickness={s: thickness_of(s) for s in SAMPLES},
     log:
         "logs/report/table1.log",
