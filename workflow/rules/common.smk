@@ -170,9 +170,10 @@ def suite_table_path():
 
 
 def suite_table_input():
-    """The suite table as an input of the report when it exists (a new one re-makes Table 1)."""
+    """The suite table as an input of the report, as the CNN weights are (a new one re-makes Table 1);
+    none when reconstruct.suite_table is null."""
     path = suite_table_path()
-    return [path] if path and Path(path).is_file() else []
+    return [path] if path else []
 
 
 def average_cell_shape(sample):

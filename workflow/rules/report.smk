@@ -4,7 +4,7 @@ rule table1:
         fits=table1_fits(),
         md=expand("results/md/{system}/analysis.json", system=SYSTEMS),
         stem=expand("results/stem/{sample}.h5", sample=SAMPLES),
-        # the known-truth suite's table when there is one (the report says so when there is not)
+        # the known-truth suite's table (reconstruct.suite_table), from which the report states the method bias
         suite=suite_table_input(),
     output:
         csv=report(
@@ -30,8 +30,6 @@ rule table1:
         structure=config["structure"],
         method=config["reconstruct"]["table_method"],
         headline=config["fit"]["headline"],
-        # the suite table as an input when it exists, else the configured path (the report says none is there)
-        suite_table=lambda wc, input: input.suite[0] if input.suite else suite_table_path(),
         thickness={s: thickness_of(s) for s in SAMPLES},
     log:
         "logs/report/table1.log",

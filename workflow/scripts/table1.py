@@ -9,5 +9,7 @@ with stages.logged(snakemake.log[0], snakemake):
         html_path=snakemake.output.html,
         provenance_json=snakemake.output.provenance,
         comparisons_csv=snakemake.output.comparisons,
+        # the known-truth suite's table when there is one: the report states the method bias from it
+        suite_table=snakemake.input.suite[0] if snakemake.input.suite else None,
         **dict(snakemake.params.items()),
     )
