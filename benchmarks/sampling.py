@@ -42,6 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument("--output", default=str(REPO / "benchmarks/results/sampling.json"))
     args = parser.parse_args(argv)
 
+    from octastem.cnn.evaluate import br_ellipticity
     from octastem.cnn.input import band_limit
     from octastem.evaluation import Case, case_frames, scan_grid_ellipticity
     from octastem.potential import projected_potential
@@ -61,8 +62,6 @@ def main(argv=None) -> int:
             image, sampling, cell = projected_potential(frames, sampling_A=optics["sampling_A"], progress=False)
             ny, nx = image.shape
             limited = band_limit(image, (cell[0] / nx, cell[1] / ny), optics["energy_eV"], optics["semiangle_mrad"])
-            from octastem.cnn.evaluate import br_ellipticity
-
             truth = br_ellipticity(limited, sampling, (cells, cells), cell, "fast")
             for step in steps:
                 ell = scan_grid_ellipticity(limited, cell, cells, step, optics["energy_eV"], optics["semiangle_mrad"])
