@@ -140,11 +140,26 @@ def test_stage_uses_a_different_md_frame_per_configuration(tmp_path, monkeypatch
         edge_A=24.0,
         vacuum_A=4.0,
         scan_cells=1,
+        tiles="same",
     )
     assert [a.info["time_fs"] for a in seen["frames"]] == [10.0, 30.0]
     assert not np.allclose(seen["frames"][0].positions, seen["frames"][1].positions)
     assert seen["kwargs"]["specimen"] == "finite" and seen["kwargs"]["scan_periods"] == 1
     assert read_4dstem(out).extra["times_fs"] == [10.0, 30.0]
+    # distinct tiles (the default): every frame of the window is used, each configuration mixes them
+    stages.simulate_nanocrystal(
+        trajectory=traj,
+        output=out,
+        structure_output=tmp_path / "nc.extxyz",
+        start_fs=10.0,
+        frames=2,
+        edge_A=24.0,
+        vacuum_A=4.0,
+        scan_cells=1,
+    )
+    extra = read_4dstem(out).extra
+    assert extra["times_fs"] == [10.0, 20.0, 30.0] and extra["nanocrystal_tiles"] == "distinct"
+    assert extra["n_snapshots"] == 3 and len(seen["frames"]) == 2
 
 
 def test_bad_inputs_name_the_field():
@@ -260,3 +275,48 @@ def test_poisson_dose_per_acquisition(pair, tmp_path):
         assert abs(means[dose] - expected) < 4 * math.sqrt(expected / n_pos)
         assert json.loads(noisy.provenance)["averaged_cells"] == 1
     assert means[144.0] / means[48.0] == pytest.approx(3.0, rel=0.05)
+
+
+def test_tile_frames_spread_every_frame_over_the_tiles():
+    from octastem.stem.nanocrystal import tile_frames
+
+    assign = tile_frames(21, 2, 12)
+    assert assign.shape == (2, 12)
+    for row in assign:  # no frame twice in one configuration while there are more frames than tiles
+        assert len(set(row.tolist())) == 12
+    counts = np.bincount(assign.ravel(), minlength=21)
+    assert counts.max() - counts.min() <= 1  # every frame used as evenly as 24 slots over 21 frames allow
+    assert np.all(np.abs(np.diff(assign[0])) > 1)  # neighbouring tiles far apart in time
+    assert tile_frames(1, 3, 4).max() == 0
+    with pytest.raises(InputError, match="configurations"):
+        tile_frames(0, 1, 1)
+
+
+def test_distinct_tiles_each_hold_their_own_frame():
+    """Frame k is frame 0 moved by k * 0.01 A along z: in a configuration of distinct tiles every
+    atom is moved by the step of the frame its tile was assigned, the tiles carry different frames,
+    and the crystal is otherwise the one frame 0 gives (same atoms, same order)."""
+    step = 0.01
+    base = md_frames(n=1)[0]
+    frames = []
+    for k in range(5):
+        f = base.copy()
+        f.positions[:, 2] += k * step
+        f.info["time_fs"] = 10.0 * k
+        frames.append(f)
+    mixed = build_nanocrystal(frames, edge_A=24.0, vacuum_A=4.0, scan_cells=1, configurations=2)
+    plain = build_nanocrystal(frames[:1], edge_A=24.0, vacuum_A=4.0, scan_cells=1).frames[0]
+    assign = np.asarray(mixed.info["tile_frames"])
+    assert len(mixed.frames) == 2 and assign.shape[0] == 2 and assign.shape[1] >= 4
+    for c, config in enumerate(mixed.frames):
+        assert np.array_equal(config.numbers, plain.numbers)
+        d = config.positions - plain.positions
+        assert np.ptp(d[:, :2], axis=0).max() < 1e-9  # in the plane only the vacuum shift
+        k = (d[:, 2] - d[:, 2].min()) / step
+        k_int = np.round(k)
+        assert np.abs(k - k_int).max() < 1e-6
+        # the frames found in the crystal are the ones assigned to its tiles (up to the common shift)
+        found = sorted(set(k_int.astype(int).tolist()))
+        used = sorted(set(assign[c].tolist()))
+        assert len(found) == len(used) >= 3
+        assert np.array_equal(np.diff(found), np.diff(used))

@@ -182,3 +182,82 @@ def test_method_check_takes_the_suite_case_nearest_to_the_data(tmp_path):
     )
     assert "bias -0.050" in notes[0] and "0.3 A) is not in the suite" in notes[0]
     assert "no known-truth suite" in method_check_notes(df, {}, {}, {}, tmp_path / "none.csv")[0]
+
+
+def test_like_for_like_rows_and_the_comparisons_that_decide(tmp_path):
+    """Each sample beside its MD system through the same chain: one noise-free row shared by the simulated
+    samples of a system, one simulated twin per measured sample; comparisons like for like, the study's
+    (against the raw potential, labelled), increased minus low dose and vacancies minus pristine."""
+    samples = {
+        "low": {"dose_e_per_A2": 48.0, "system": "pristine"},
+        "high": {"dose_e_per_A2": 144.0, "system": "pristine"},
+        "measured": {"dose_e_per_A2": 48.0, "system": "pristine", "raw": {"path": "data/x.h5"}},
+    }
+    columns = [
+        {"label": "Low", "sample": "low"},
+        {"label": "High", "sample": "high"},
+        {"label": "Measured", "sample": "measured"},
+        {"label": "MD pristine", "system": "pristine"},
+        {"label": "MD vac", "system": "vac"},
+    ]
+    fits = [
+        _summary(tmp_path / "low.json", 1.40, 0.03, 32),
+        _summary(tmp_path / "high.json", 1.30, 0.02, 32),
+        _summary(tmp_path / "measured.json", 1.35, 0.03, 40),
+        _summary(tmp_path / "pristine.json", 1.45, 0.01, 96),
+        _summary(tmp_path / "vac.json", 1.47, 0.02, 96),
+    ]
+    like = {"low": "noisefree-pristine", "high": "noisefree-pristine", "measured": "measured-md-pristine"}
+    like_fits = {
+        "noisefree-pristine": str(_summary(tmp_path / "nf.json", 1.28, 0.02, 32)),
+        "measured-md-pristine": str(_summary(tmp_path / "twin.json", 1.33, 0.03, 40)),
+    }
+    out = {k: tmp_path / f"table1.{k}" for k in ("csv", "md", "html")}
+    df = write_table1(
+        out["csv"],
+        out["md"],
+        out["html"],
+        columns,
+        fits,
+        samples,
+        "cnn",
+        [],
+        schema_defaults("md"),
+        schema_defaults("stem"),
+        schema_defaults("structure"),
+        SYSTEMS,
+        comparisons_csv=tmp_path / "cmp.csv",
+        like=like,
+        like_fits=like_fits,
+    )
+    assert df["label"].tolist()[5:] == ["MD pristine through the chain (noise free)", "MD pristine through the chain"]
+    assert df["like_for"].tolist()[5:] == ["low,high", "measured"]
+    assert df["median_ellipticity"].tolist()[5:] == pytest.approx([1.28, 1.33])
+    cmp = pd.read_csv(tmp_path / "cmp.csv")
+    got = {(r.comparison.split(" (")[0], r.a, r.b): r.difference for r in cmp.itertuples()}
+    assert got == pytest.approx(
+        {
+            (
+                "4D-STEM vs its MD system through the same chain",
+                "Low",
+                "MD pristine through the chain (noise free)",
+            ): 0.12,
+            ("4D-STEM vs the MD projected potential", "Low", "MD pristine"): -0.05,
+            (
+                "4D-STEM vs its MD system through the same chain",
+                "High",
+                "MD pristine through the chain (noise free)",
+            ): 0.02,
+            ("4D-STEM vs the MD projected potential", "High", "MD pristine"): -0.15,
+            ("4D-STEM vs its MD system through the same chain", "Measured", "MD pristine through the chain"): 0.02,
+            ("4D-STEM vs the MD projected potential", "Measured", "MD pristine"): -0.10,
+            ("increased vs low dose", "High", "Low"): -0.10,
+            ("vacancies vs pristine", "MD vac", "MD pristine"): 0.02,
+        }
+    )
+    row = cmp[(cmp["a"] == "High") & (cmp["b"] == "Low")].iloc[0]
+    assert row["se"] == pytest.approx((0.02**2 + 0.03**2) ** 0.5) and row["significant"]  # -2.8 SE
+    md = out["md"].read_text()
+    assert "| comparison | a | b | a - b | combined SE | z | exceeds 2 SE |" in md
+    assert "MD pristine through the chain (noise free): beside low, high: the same simulated specimen" in md
+    assert "Br columns behind each value: Low 32, High 32, Measured 40" in md

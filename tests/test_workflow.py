@@ -33,10 +33,18 @@ def test_full_dag_makes_table1(tiny_run):
         "Increased dose (144 e/A^2) 4D-STEM",
         "MD pristine",
         "MD FABr vacancies",
+        "MD pristine through the chain (noise free)",
     ]
+    assert list(table["source"]) == ["4D-STEM", "4D-STEM", "MD", "MD", "MD through the chain"]
+    assert table["like_for"].iloc[-1] == "low_dose,increased_dose"
     assert table["median_ellipticity"].between(1.0, 3.0).all()
     assert (table["se_median"] >= 0).all() and table["se_median"].notna().all()
-    assert list(table["simulated"]) == [True, True, True, True]
+    assert list(table["simulated"]) == [True, True, True, True, True]
+    cmp = pd.read_csv(tiny_run / "results/report/comparisons.csv")
+    kinds = cmp["comparison"].tolist()
+    assert sum("like for like" in k for k in kinds) == 2 and sum("study's comparison" in k for k in kinds) == 2
+    assert sum("increased vs low dose" in k for k in kinds) == 1 and sum("vacancies" in k for k in kinds) == 1
+    assert {"difference", "se", "z", "significant"} <= set(cmp.columns)
     md = (tiny_run / "results/report/table1.md").read_text()
     assert "SIMULATED" in md and "reference_mace" in md
     for name in (
@@ -233,6 +241,74 @@ def test_samples_only_config_plans_no_md(tmp_path, run_snakemake, planned_jobs):
     path.write_text(yaml.safe_dump(cfg))
     proc = run_snakemake(tmp_path, "-n", check=False, configfile=path)
     assert proc.returncode != 0 and "samples.sim.system" in proc.stdout + proc.stderr
+
+
+def test_measured_sample_with_a_system_plans_its_simulated_twin(tmp_path, run_snakemake, planned_jobs):
+    """A measured sample compared with an MD system: the system's MD frames are simulated through the
+    sample's own chain (simulate_like reads the ingested file's calibration), averaged, reconstructed
+    and fitted by the Table's method, and Table 1 takes that fit beside the sample's; without the
+    specimen thickness the config is refused before any job, naming the key."""
+    (tmp_path / "data").mkdir()
+    counts = np.random.default_rng(0).poisson(0.5, (12, 12, 8, 8)).astype(np.uint16)
+    write_4dstem(tmp_path / "data/my_nc.h5", Stem4D(counts, 300e3, 25.0, 0.4, 1.0, 48.0, source="measured"))
+    cfg = yaml.safe_load(OWN_DATA.read_text())
+    tiny = yaml.safe_load((REPO / "tests/configs/tiny.yaml").read_text())
+    cfg.update(systems={"pristine": 0}, md=tiny["md"], structure=tiny["structure"])
+    cfg["samples"]["my_nc"]["system"] = "pristine"
+    path = tmp_path / "own_md.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    proc = run_snakemake(tmp_path, "-n", check=False, configfile=path)
+    assert proc.returncode != 0 and "reconstruct.thickness_A" in proc.stdout + proc.stderr
+    cfg["reconstruct"]["thickness_A"] = 36.0
+    path.write_text(yaml.safe_dump(cfg))
+    proc = run_snakemake(tmp_path, "-n", configfile=path)
+    jobs = planned_jobs(proc)
+    assert jobs["simulate_like"] == 1 and jobs["ingest"] == 1 and jobs["md"] == 1
+    assert jobs["average"] == 2 and jobs["reconstruct"] == 3 and jobs["fit_stem"] == 3
+    assert "simulate_nanocrystal" not in jobs and "snapshot_potential" not in jobs  # no MD column asked for
+    out = proc.stdout + proc.stderr
+    assert "results/stem/raw/my_nc-md-pristine.h5" in out and "results/fit/my_nc-md-pristine_cnn.json" in out
+    # switched off, the sample is analysed alone (the listed system's MD still runs for its analysis)
+    cfg["samples"]["my_nc"]["like_for_like"] = False
+    path.write_text(yaml.safe_dump(cfg))
+    jobs = planned_jobs(run_snakemake(tmp_path, "-n", configfile=path))
+    assert "simulate_like" not in jobs and jobs["reconstruct"] == 2 and jobs["fit_stem"] == 2
+
+
+def test_every_method_of_the_schema_plans_through_the_default_target(tmp_path, run_snakemake, planned_jobs):
+    """Every method the schema allows, underscores included (icom_wiener), with sample names that hold
+    underscores too: the default target plans one reconstruction, fit and figure per sample and method."""
+    schema = yaml.safe_load((REPO / "config/schema.yaml").read_text())
+    methods = schema["properties"]["reconstruct"]["properties"]["methods"]["items"]["enum"]
+    assert "icom_wiener" in methods
+    path = _tiny_variant(tmp_path, reconstruct={"methods": methods, "table_method": "icom_wiener"})
+    proc = run_snakemake(tmp_path, "-n", configfile=path)
+    jobs = planned_jobs(proc)
+    n = 2 * len(methods) + 1  # two samples by every method, and the noise-free twin by the Table's method
+    assert jobs["reconstruct"] == n and jobs["fit_stem"] == n
+    assert jobs["figure"] == n + 6  # and the three projections of the two MD systems
+    out = proc.stdout + proc.stderr
+    for m in methods:
+        assert f"results/reconstruct/low_dose/{m}.h5" in out and f"results/report/figures/increased_dose_{m}.png" in out
+    assert "results/reconstruct/noisefree-pristine/icom_wiener.h5" in out
+
+
+def test_coarse_step_for_a_scan_grid_table_method_is_refused(tmp_path, run_snakemake):
+    path = _tiny_variant(tmp_path, reconstruct={"allow_coarse_step": False})
+    proc = run_snakemake(tmp_path, "-n", check=False, configfile=path)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "stem.scan_step_A" in text and "allow_coarse_step" in text
+    fine = _tiny_variant(tmp_path, reconstruct={"allow_coarse_step": False}, stem={"scan_step_A": 0.2})
+    assert run_snakemake(tmp_path, "-n", configfile=fine).returncode == 0
+
+
+def _tiny_variant(tmp_path, **changes):
+    cfg = yaml.safe_load((REPO / "tests/configs/tiny.yaml").read_text())
+    for key, value in changes.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    path = tmp_path / f"variant_{len(list(tmp_path.glob('variant_*.yaml')))}.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
 
 
 def test_md_only_config_plans_no_4dstem(tmp_path, run_snakemake, planned_jobs):

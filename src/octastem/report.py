@@ -113,6 +113,58 @@ def build_table1(
     return pd.DataFrame(rows)
 
 
+#: ``source`` of a Table 1 row: a sample's MD system seen through the sample's own imaging chain.
+LIKE_SOURCE = "MD through the chain"
+
+
+def like_rows(df: pd.DataFrame, like: dict, like_fits: dict, samples: dict, method: str, headline: str) -> pd.DataFrame:
+    """Rows of the like-for-like datasets of the Table 1 samples (``like``: sample -> dataset,
+    ``like_fits``: dataset -> fit summary), one per dataset, in the order the samples first name
+    them; each row's ``like_for`` lists the samples it stands beside."""
+    rows = []
+    for dataset, path in like_fits.items():
+        users = [s for s, d in like.items() if d == dataset and s in set(df["dataset"])]
+        if not users:
+            continue
+        br = _br(_load_summary(path), path)
+        first = samples[users[0]]
+        system = first["system"]
+        value, se, kind = _headline(br, "4D-STEM", headline)
+        measured = "raw" in first
+        origin = (
+            f"MD system '{system}' simulated with the calibration, scan and dose of '{users[0]}', averaged, "
+            f"reconstructed by {method} and fitted like it"
+            if measured
+            else f"the same simulated specimen of MD system '{system}' without noise, averaged, reconstructed by "
+            f"{method} and fitted like the noisy samples"
+        )
+        rows.append(
+            {
+                "label": f"MD {system} through the chain" + ("" if measured else " (noise free)"),
+                "median_ellipticity": value,
+                "se_median": se,
+                "value": kind,
+                "measured_median_ellipticity": br["median_ellipticity"],
+                "measured_se": br["se"],
+                "noise_bias": br.get("noise_bias", np.nan),
+                "noise_bias_se": br.get("noise_bias_se", np.nan),
+                "noise_only_baseline": br.get("baseline_median_ellipticity", np.nan),
+                "se_method": br.get("se_method", ""),
+                "n_columns": br["n"],
+                "per_axis": "",
+                "source": LIKE_SOURCE,
+                "dataset": dataset,
+                "method": method,
+                "dose_e_per_A2": float(first["dose_e_per_A2"]) if measured else np.inf,
+                "simulated": True,
+                "origin": origin,
+                "like_for": ",".join(users),
+                "fit_summary": str(path),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
 def cell_text(median: float, se: float) -> str:
     return f"{median:.3f} ± {se:.3f}"
 
@@ -121,24 +173,54 @@ def cell_text(median: float, se: float) -> str:
 SIGNIFICANCE_SE = 2.0
 
 
-def comparisons(df: pd.DataFrame, columns: list[dict], samples: dict, systems: dict) -> pd.DataFrame:
-    """The differences the study's question needs, from the Table 1 rows ``df``:
+#: The comparisons of :func:`comparisons`, in the order they are listed.
+COMPARISON_KINDS = {
+    "like": "4D-STEM vs its MD system through the same chain (like for like)",
+    "paper": "4D-STEM vs the MD projected potential (the study's comparison: different resolutions)",
+    "dose": "increased vs low dose (4D-STEM)",
+    "vacancies": "vacancies vs pristine (MD)",
+}
 
-    - each 4D-STEM column simulated from an MD system minus the MD column of that system;
+
+def comparisons(df: pd.DataFrame, columns: list[dict], samples: dict, systems: dict) -> pd.DataFrame:
+    """The differences the study's question needs, from the Table 1 rows ``df`` (the rows of
+    ``columns`` first, then the like-for-like rows of :func:`like_rows`):
+
+    - each 4D-STEM column minus its MD system seen through the same chain (like for like), where
+      there is one: what the structure, not the chain's resolution, makes of the difference;
+    - each 4D-STEM column minus the MD column (raw projected potential) of its system, labelled as
+      the study's comparison;
+    - between 4D-STEM columns of the same system and kind (both measured or both simulated) at
+      different doses, the higher minus the lower dose;
     - each MD system with FABr vacancies minus the pristine system (0 vacancies), when both are columns.
 
-    Columns: a, b (labels), difference (a - b), se (combined, sqrt(se_a^2 + se_b^2): independent
-    data), z = difference / se, significant (|z| > :data:`SIGNIFICANCE_SE`)."""
+    Columns: comparison, a, b (labels), difference (a - b), se (combined, sqrt(se_a^2 + se_b^2):
+    independent data; for a simulated sample and its noise-free twin, which share the MD frames,
+    this overstates the SE of the difference), z = difference / se, significant
+    (|z| > :data:`SIGNIFICANCE_SE`)."""
     md_row = {col["system"]: i for i, col in enumerate(columns) if "system" in col}
     pristine = [i for name, i in md_row.items() if systems.get(name) == 0]
+    like_row = {}
+    if "like_for" in df:
+        for i, users in df["like_for"].items():
+            for u in str(users).split(",") if isinstance(users, str) and users else []:
+                like_row[u] = i
     pairs = []
+    stem_cols = [(i, col["sample"]) for i, col in enumerate(columns) if "sample" in col]
+    for i, sample in stem_cols:
+        if sample in like_row:
+            pairs.append((i, like_row[sample], COMPARISON_KINDS["like"]))
+        system = samples[sample].get("system")
+        if system in md_row:
+            pairs.append((i, md_row[system], COMPARISON_KINDS["paper"]))
+    for (i, a), (j, b) in ((x, y) for x in stem_cols for y in stem_cols):
+        sa, sb = samples[a], samples[b]
+        same_kind = ("raw" in sa) == ("raw" in sb)  # both measured or both simulated from the same system
+        if same_kind and sa.get("system") == sb.get("system") and sa["dose_e_per_A2"] > sb["dose_e_per_A2"]:
+            pairs.append((i, j, COMPARISON_KINDS["dose"]))
     for i, col in enumerate(columns):
-        if "sample" in col:
-            system = samples[col["sample"]].get("system")
-            if "raw" not in samples[col["sample"]] and system in md_row:
-                pairs.append((i, md_row[system], "4D-STEM vs MD of the same system"))
-        elif systems.get(col["system"], 0) > 0 and pristine:
-            pairs.append((i, pristine[0], "vacancies vs pristine (MD)"))
+        if "system" in col and systems.get(col["system"], 0) > 0 and pristine:
+            pairs.append((i, pristine[0], COMPARISON_KINDS["vacancies"]))
     rows = []
     for i, j, kind in pairs:
         a, b = df.iloc[i], df.iloc[j]
@@ -194,7 +276,25 @@ def convergence_lines(df: pd.DataFrame, fit_paths: list) -> list[str]:
     return lines
 
 
-def table1_markdown(df: pd.DataFrame, notes: list[str], cmp: list[str] = (), conv: list[str] = ()) -> str:
+def comparison_table(cmp: pd.DataFrame) -> list[str]:
+    """The comparisons as a Markdown table: difference, combined SE, z and the 2-SE verdict."""
+    if cmp.empty:
+        return []
+    lines = [
+        "| comparison | a | b | a - b | combined SE | z | exceeds 2 SE |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in cmp.itertuples():
+        lines.append(
+            f"| {r.comparison} | {r.a} | {r.b} | {r.difference:+.3f} | {r.se:.3f} | {r.z:+.1f} | "
+            f"{'yes' if r.significant else 'no'} |"
+        )
+    return lines + [""]
+
+
+def table1_markdown(
+    df: pd.DataFrame, notes: list[str], cmp: list[str] = (), conv: list[str] = (), cmp_table: list[str] = ()
+) -> str:
     header = "| | " + " | ".join(df["label"]) + " |"
     sep = "|---|" + "---|" * len(df)
     row = "| Br | " + " | ".join(cell_text(m, s) for m, s in zip(df["median_ellipticity"], df["se_median"])) + " |"
@@ -208,8 +308,13 @@ def table1_markdown(df: pd.DataFrame, notes: list[str], cmp: list[str] = (), con
         row,
         "",
     ]
+    if "n_columns" in df:
+        lines += [
+            "Br columns behind each value: " + ", ".join(f"{lbl} {n}" for lbl, n in zip(df["label"], df["n_columns"])),
+            "",
+        ]
     if cmp:
-        lines += ["## Comparisons", "", *[f"- {c}" for c in cmp], ""]
+        lines += ["## Comparisons", "", *cmp_table, *[f"- {c}" for c in cmp], ""]
     if any(df["per_axis"].astype(str).str.len() > 0):
         lines += ["## Per projection (MD)", ""]
         lines += [f"- {r['label']}: {r['per_axis']}" for _, r in df.iterrows() if r["per_axis"]]
@@ -286,7 +391,14 @@ def notes_for(df: pd.DataFrame, md_summaries: list, md: dict, stem: dict, struct
     and which entries rest on too few columns (:func:`few_columns_notes`)."""
     notes = []
     for _, r in df.iterrows():
-        if r["source"] == "4D-STEM":
+        if r["source"] == LIKE_SOURCE:
+            notes.append(
+                f"{r['label']}: beside {r['like_for'].replace(',', ', ')}: {r['origin']}; {r['n_columns']} Br "
+                f"columns fitted, SE: {r['se_method']}. It is what the MD structure gives through the same imaging "
+                "chain, so the 4D-STEM column minus it compares like with like; the MD column is the raw projected "
+                "potential (no point spread), the study's comparison."
+            )
+        elif r["source"] == "4D-STEM":
             kind = "SIMULATED dataset (no raw data configured)" if r["simulated"] else "raw dataset"
             notes.append(
                 f"{r['label']}: {kind}, {r['origin']}, dose {r['dose_e_per_A2']:g} e/A^2, phase by {r['method']}, "
@@ -468,13 +580,18 @@ def write_table1(
     headline="corrected",
     suite_table=None,
     thickness=None,
+    like=None,
+    like_fits=None,
 ) -> pd.DataFrame:
     """Table 1 as CSV, Markdown (with comparisons, per-projection values, convergence, notes and
     provenance), HTML; ``provenance_json`` gets the full record, ``comparisons_csv`` the table of
     :func:`comparisons`; ``headline``: the 4D-STEM value shown (:data:`HEADLINES`); ``suite_table``:
     the known-truth suite's ``suite.csv`` whose nearest case states each 4D-STEM column's method bias
-    (:func:`method_check_notes`; ``thickness``: specimen thickness per sample, A)."""
+    (:func:`method_check_notes`; ``thickness``: specimen thickness per sample, A); ``like`` (sample ->
+    like-for-like dataset) and ``like_fits`` (dataset -> fit summary): the rows of :func:`like_rows`."""
     df = build_table1(columns, fit_paths, samples, method, headline)
+    if like_fits:
+        df = pd.concat([df, like_rows(df, like or {}, like_fits, samples, method, headline)], ignore_index=True)
     notes = notes_for(df, md_summaries, md, stem, structure, systems)
     if suite_table is not None:
         notes += method_check_notes(df, samples, stem, thickness or {}, suite_table)
@@ -484,12 +601,15 @@ def write_table1(
     for note in few_columns_notes(df):
         log.warning("%s", note)
     record = json.loads(io.provenance(seeds=seeds or {}))
-    record["fits"] = {str(p): _load_summary(p).get("provenance") for p in fit_paths}
+    record["fits"] = {str(p): _load_summary(p).get("provenance") for p in [*fit_paths, *(like_fits or {}).values()]}
     prov = provenance_lines(record)
     with io.atomic_path(csv) as tmp:
         df.to_csv(tmp, index=False)
     io.write_text(
-        md_path, table1_markdown(df, notes, cmp_text, conv) + "\n## Provenance\n\n" + "".join(f"- {x}\n" for x in prov)
+        md_path,
+        table1_markdown(df, notes, cmp_text, conv, comparison_table(cmp))
+        + "\n## Provenance\n\n"
+        + "".join(f"- {x}\n" for x in prov),
     )
     io.write_text(html_path, table1_html(df, notes + ["Provenance: " + x for x in prov], cmp_text))
     if comparisons_csv is not None:
@@ -508,7 +628,7 @@ def plot_table1(csv, output) -> None:
 
     df = pd.read_csv(csv)
     fig, ax = plt.subplots(figsize=(1.8 + 1.6 * len(df), 3.6))
-    colours = ["tab:purple" if s == "4D-STEM" else "tab:green" for s in df["source"]]
+    colours = [{"4D-STEM": "tab:purple", LIKE_SOURCE: "tab:orange"}.get(s, "tab:green") for s in df["source"]]
     x = np.arange(len(df))
     ax.errorbar(x, df["median_ellipticity"], yerr=df["se_median"], fmt="none", ecolor="k", capsize=4)
     ax.scatter(x, df["median_ellipticity"], c=colours, s=60, zorder=3)

@@ -14,7 +14,7 @@ rule fit_stem:
         table="results/fit/{sample}_{method}.csv",
         summary="results/fit/{sample}_{method}.json",
     params:
-        noise_bias_draws=config["fit"]["noise_bias_draws"],
+        noise_bias_draws=lambda wc: noise_bias_draws_of(wc.sample),
         **FIT_PARAMS,
     log:
         "logs/fit/{sample}_{method}.log",

@@ -13,6 +13,7 @@ rule md:
         temperature_K=config["md"]["temperature_K"],
         pressure_MPa=config["md"]["pressure_MPa"],
         timestep_fs=config["md"]["timestep_fs"],
+        hydrogen_mass_u=config["md"]["hydrogen_mass_u"],
         total_fs=config["md"]["total_fs"],
         frame_interval_fs=config["md"]["frame_interval_fs"],
         T_tau_fs=config["md"]["T_tau_fs"],

@@ -2,6 +2,8 @@ rule table1:
     """Table 1 of the study: median Br ellipticity +- standard error of the median per column."""
     input:
         fits=table1_fits(),
+        # each Table 1 sample's MD system through the sample's own chain (like_fits)
+        like=list(like_fits().values()),
         md=expand("results/md/{system}/analysis.json", system=SYSTEMS),
         stem=expand("results/stem/{sample}.h5", sample=SAMPLES),
         # the known-truth suite's table (reconstruct.suite_table), from which the report states the method bias
@@ -31,6 +33,8 @@ rule table1:
         method=config["reconstruct"]["table_method"],
         headline=config["fit"]["headline"],
         thickness={s: thickness_of(s) for s in SAMPLES},
+        like={s: LIKE[s] for s in SAMPLES if s in LIKE},
+        like_fits=like_fits(),
     log:
         "logs/report/table1.log",
     conda:

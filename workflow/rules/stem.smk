@@ -47,6 +47,7 @@ rule simulate_nanocrystal:
         edge_A=config["stem"]["nanocrystal"]["edge_A"],
         vacuum_A=config["stem"]["nanocrystal"]["vacuum_A"],
         scan_cells=config["stem"]["nanocrystal"]["scan_cells"],
+        tiles=config["stem"]["nanocrystal"]["tiles"],
         sampling_A=config["stem"]["nanocrystal"]["sampling_A"],
         detector_sampling_mrad=config["stem"]["nanocrystal"]["detector_sampling_mrad"],
         method=config["stem"]["method"],
@@ -116,10 +117,46 @@ rule dose:
         "../scripts/dose.py"
 
 
+rule simulate_like:
+    """A measured sample's like-for-like twin: its MD system's frames as a nanocrystal scanned with the
+    sample's own calibration (energy, semi-angle, scan step, detector sampling and extent), scan size,
+    thickness and dose; averaged, reconstructed and fitted like the sample."""
+    wildcard_constraints:
+        sample=one_of(list(SIMULATED_LIKE)),
+    input:
+        measured=lambda wc: f"results/stem/raw/{SIMULATED_LIKE[wc.sample]}.h5",
+        trajectory=lambda wc: f"results/md/{LIKE_SYSTEM[wc.sample]}/trajectory.h5",
+    output:
+        stem="results/stem/raw/{sample}.h5",
+        structure="results/stem/like/{sample}.extxyz",
+    params:
+        start_fs=analysis_start_fs(),
+        frames=config["stem"]["frames"],
+        thickness_A=config["reconstruct"]["thickness_A"],
+        vacuum_A=config["stem"]["nanocrystal"]["vacuum_A"],
+        tiles=config["stem"]["nanocrystal"]["tiles"],
+        slice_thickness_A=config["stem"]["slice_thickness_A"],
+        method=config["stem"]["method"],
+        prism_interpolation=config["stem"]["prism_interpolation"],
+        prism_margin_A=config["stem"]["prism_margin_A"],
+        seed=lambda wc: sample_seed(wc.sample),
+    log:
+        "logs/simulate_like/{sample}.log",
+    conda:
+        "../../envs/octastem.yaml"
+    threads: 2
+    resources:
+        mem_mb=8000,
+        runtime="4h",
+        gpu=0,
+    script:
+        "../scripts/simulate_like.py"
+
+
 rule reconstruct:
     """Phase image from the 4D-STEM dataset by the named method (icom, icom_wiener, cnn, ssb, wdd)."""
     input:
-        stem="results/stem/{sample}.h5",
+        stem=stem_input,
         # the route's summary (averaging or periodic dose): switching stem.specimen re-makes the dataset
         summary=stem_summary,
         weights=lambda wc: local_path(config["cnn"]["weights"]) if wc.method == "cnn" else [],
@@ -145,7 +182,8 @@ rule reconstruct:
 
 
 rule ingest:
-    """A measured dataset -> internal HDF5 (electrons), calibration from file or config, dose checked."""
+    """A measured dataset -> internal HDF5 (electrons), calibration from file or config, dose checked, the
+    bright-field disc centred (descan fitted) and the detector turned onto the scan axes (rotation measured)."""
     wildcard_constraints:
         sample=one_of(RAW_SAMPLES),
     input:
@@ -160,6 +198,7 @@ rule ingest:
         counts_per_electron=lambda wc: config["samples"][wc.sample]["raw"]["counts_per_electron"],
         dose_rtol=lambda wc: config["samples"][wc.sample]["raw"]["dose_rtol"],
         dose_e_per_A2=lambda wc: config["samples"][wc.sample]["dose_e_per_A2"],
+        origin=lambda wc: config["samples"][wc.sample]["raw"]["origin"],
     log:
         "logs/ingest/{sample}.log",
     conda:
@@ -180,7 +219,7 @@ rule average:
     wildcard_constraints:
         sample=one_of(AVERAGED_SAMPLES),
     input:
-        stem="results/stem/raw/{sample}.h5",
+        stem=average_input,
     output:
         stem="results/stem/{sample}.h5",
         summary="results/stem/averaged/{sample}.json",

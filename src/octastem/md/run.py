@@ -56,6 +56,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 from ase import Atoms, units
+from ase.data import atomic_masses
 from ase.md.langevinbaoab import LangevinBAOAB
 from ase.md.velocitydistribution import MaxwellBoltzmannDistribution, Stationary
 
@@ -65,8 +66,49 @@ from octastem.rng import generator
 
 log = logging.getLogger(__name__)
 
+#: Mass of H (u) recorded for a run that keeps the natural masses.
+_NATURAL_H_MASS_U = float(atomic_masses[1])
+
 #: Settings that must match for a partial trajectory to be resumed.
-_RESUME_KEYS = ("temperature_K", "pressure_MPa", "timestep_fs", "frame_interval_fs", "T_tau_fs", "P_tau_fs", "seed")
+_RESUME_KEYS = (
+    "temperature_K",
+    "pressure_MPa",
+    "timestep_fs",
+    "frame_interval_fs",
+    "T_tau_fs",
+    "P_tau_fs",
+    "seed",
+    "hydrogen_mass_u",
+)
+
+
+def repartition_hydrogen_mass(atoms: Atoms, hydrogen_mass_u: float | None) -> Atoms:
+    """A copy of ``atoms`` with every H at ``hydrogen_mass_u`` (u), the added mass taken from the
+    heavy atom it is bonded to (nearest non-H atom, minimum image), so each molecule and the cell
+    keep their total mass (hydrogen mass repartitioning). None leaves the masses as they are.
+
+    Equilibrium averages (positions, angles, the time-averaged potential) do not depend on the
+    masses; heavier H slows the fastest vibrations (C-H, N-H) so that a 2 fs step stays stable."""
+    out = atoms.copy()
+    if hydrogen_mass_u is None:
+        return out
+    masses = out.get_masses()
+    h = np.flatnonzero(out.numbers == 1)
+    heavy = np.flatnonzero(out.numbers != 1)
+    if h.size == 0:
+        return out
+    delta = float(hydrogen_mass_u) - masses[h]
+    if heavy.size == 0:
+        raise InputError("md: hydrogen_mass_u needs heavy atoms to take the mass from; the structure has only H")
+    for k, i in enumerate(h):
+        dist = out.get_distances(i, heavy, mic=True)
+        j = heavy[int(np.argmin(dist))]
+        masses[j] -= delta[k]
+        masses[i] = float(hydrogen_mass_u)
+    if (masses <= 0).any():
+        raise InputError(f"md: hydrogen_mass_u = {hydrogen_mass_u} u leaves an atom with no mass left")
+    out.set_masses(masses)
+    return out
 
 
 def partial_path(path: str | os.PathLike) -> Path:
@@ -232,8 +274,12 @@ def run_npt(
     checkpoint_every: int = 10,
     progress: bool = True,
     max_frames: int | None = None,
+    hydrogen_mass_u: float | None = None,
 ) -> Path:
     """Run NPT MD of ``atoms`` with ``calc``; write the trajectory to ``output`` (HDF5).
+
+    ``hydrogen_mass_u``: H at that mass, taken from its bonded heavy atom
+    (:func:`repartition_hydrogen_mass`); None keeps the masses of ``atoms``.
 
     ``max_frames`` stops after that many new frames without finishing (used to test resuming).
     Returns the path of the finished trajectory (or of the partial file when stopped early).
@@ -254,9 +300,10 @@ def run_npt(
         P_tau_fs=float(P_tau_fs),
         seed=int(seed),
         total_fs=float(total_fs),
+        hydrogen_mass_u=float(hydrogen_mass_u) if hydrogen_mass_u is not None else _NATURAL_H_MASS_U,
         integrator="ase.md.langevinbaoab.LangevinBAOAB (anisotropic cell)",
     )
-    atoms = atoms.copy()
+    atoms = repartition_hydrogen_mass(atoms, hydrogen_mass_u)
     # results the calculator cached for these positions before (under other torch settings)
     # would stand in for the first forces; every force of the run is computed under its settings
     if hasattr(calc, "reset"):
@@ -340,10 +387,11 @@ def _read_checkpoint(part: Path, atoms: Atoms, settings: dict) -> dict | None:
         if "checkpoint" not in f:
             return None
         for k in _RESUME_KEYS:
-            if not np.isclose(float(f.attrs[k]), float(settings[k])):
+            # a partial file written before the key existed ran at the natural H mass
+            stored = f.attrs.get(k, _NATURAL_H_MASS_U if k == "hydrogen_mass_u" else None)
+            if stored is None or not np.isclose(float(stored), float(settings[k])):
                 raise InputError(
-                    f"{part}: partial trajectory was run with {k}={f.attrs[k]}, now {settings[k]}; "
-                    "delete it to start over"
+                    f"{part}: partial trajectory was run with {k}={stored}, now {settings[k]}; delete it to start over"
                 )
         if not np.array_equal(f["numbers"][()], atoms.numbers):
             raise InputError(f"{part}: partial trajectory holds a different structure; delete it to start over")

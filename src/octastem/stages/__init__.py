@@ -9,7 +9,8 @@ stage can be run and tested without Snakemake. One module per rule file of ``wor
 - md: ``md``, ``md_analysis``, ``md_figures``;
 - student: ``student_data``, ``train_student``, ``validate_student``;
 - potential: ``snapshot_potential``;
-- stem: ``simulate_4dstem``, ``simulate_nanocrystal``, ``dose``, ``ingest``, ``average``, ``reconstruct``;
+- stem: ``simulate_4dstem``, ``simulate_nanocrystal``, ``simulate_like``, ``dose``, ``ingest``, ``average``,
+  ``reconstruct``;
 - cnn: ``cnn_training_set``, ``train_cnn``, ``evaluate_cnn``, ``evaluate_suite``;
 - fit: ``fit`` (rules ``fit_stem`` and ``fit_md``), ``md_statistics``;
 - report: ``table1``, ``table1_plot``, ``figure``.
@@ -21,7 +22,7 @@ from .fit import fit, md_statistics
 from .md import md, md_analysis, md_figures
 from .potential import snapshot_potential
 from .report import figure, table1, table1_plot
-from .stem import average, dose, ingest, reconstruct, simulate_4dstem, simulate_nanocrystal
+from .stem import average, dose, ingest, reconstruct, simulate_4dstem, simulate_like, simulate_nanocrystal
 from .structure import read_structure, structure
 from .student import student_data, train_student, validate_student
 
@@ -43,6 +44,7 @@ __all__ = [
     "reconstruct",
     "run_context",
     "simulate_4dstem",
+    "simulate_like",
     "simulate_nanocrystal",
     "snapshot_potential",
     "structure",

@@ -49,13 +49,18 @@ def simulate_nanocrystal(
     edge_A: float,
     vacuum_A: float,
     scan_cells: float,
+    tiles: str = "distinct",
     threads: int = 1,
     **optics,
 ) -> None:
-    """Noise-free 4D-STEM of a cube nanocrystal cut from ``frames`` MD frames of the analysis window.
+    """Noise-free 4D-STEM of ``frames`` cube nanocrystals (frozen-phonon configurations) cut from the
+    MD frames of the analysis window.
 
-    Each frozen-phonon configuration is a nanocrystal cut from a different frame (frames spread
-    evenly over the window, as for the periodic cell); the scan covers ``scan_cells`` x
+    ``tiles`` "distinct": every tile (copy of the MD cell) of every configuration comes from another
+    frame of the window (:func:`octastem.stem.nanocrystal.tile_frames`), so the scan holds as many
+    independent realisations of the thermal motion as tiles times configurations, as a measured
+    crystal's unit cells do; "same": each configuration is cut whole from one frame (frames spread
+    evenly over the window, as for the periodic cell). The scan covers ``scan_cells`` x
     ``scan_cells`` MD in-plane cells at the centre (:mod:`octastem.stem.nanocrystal`). ``optics`` go
     to :func:`octastem.stem.simulate_4dstem` (``sampling_A=None``: coarsest anti-aliased grid;
     ``method``: "multislice" or "prism" with ``prism_interpolation`` / ``prism_margin_A``).
@@ -67,9 +72,17 @@ def simulate_nanocrystal(
     from octastem.stem import build_nanocrystal
     from octastem.stem import simulate_4dstem as simulate
 
-    chosen = spread(read_frames(trajectory, start_fs=start_fs), frames)
-    times = [a.info["time_fs"] for a in chosen]
-    nc = build_nanocrystal(chosen, edge_A=edge_A, vacuum_A=vacuum_A, scan_cells=scan_cells)
+    window = read_frames(trajectory, start_fs=start_fs)
+    if tiles == "distinct":
+        nc = build_nanocrystal(window, edge_A=edge_A, vacuum_A=vacuum_A, scan_cells=scan_cells, configurations=frames)
+        times = sorted({t for row in nc.info["tile_times_fs"] for t in row})
+        chosen = nc.frames
+    elif tiles == "same":
+        chosen = spread(window, frames)
+        times = [a.info["time_fs"] for a in chosen]
+        nc = build_nanocrystal(chosen, edge_A=edge_A, vacuum_A=vacuum_A, scan_cells=scan_cells)
+    else:
+        raise InputError(f"stem.nanocrystal.tiles: expected 'distinct' or 'same', got {tiles!r}")
     log.info(
         "%s: nanocrystal of %d x %d x %d cells (edge %s A, %d atoms) in a %s A box, scan over %g x %g MD cells "
         "(%.1f A from the faces), %d frozen-phonon frames at t = %s fs",
@@ -121,8 +134,133 @@ def simulate_nanocrystal(
         nanocrystal_margin_A=nc.margin_A,
         md_reps=list(nc.reps),
         times_fs=times,
+        nanocrystal_tiles=tiles,
+        n_snapshots=len(times),
     )
     io.write_4dstem(output, stem)
+
+
+def _measured_chain(path) -> dict:
+    """The imaging chain of a measured dataset (internal HDF5), read without loading its patterns:
+    optics, per-axis scan steps and detector sampling, scan and detector shape, dose."""
+    import h5py
+
+    with h5py.File(path, "r") as f:
+        if "data" not in f:
+            raise InputError(f"{path}: no 'data' dataset; expected an ingested 4D-STEM file")
+        shape = f["data"].shape
+        stem = io.Stem4D.from_attrs(np.empty((0, 0, 0, 0), np.float32), dict(f["data"].attrs) | dict(f.attrs))
+    if len(shape) != 4:
+        raise InputError(f"{path}: 'data' has shape {shape}; expected (scan_y, scan_x, k_y, k_x)")
+    if not (np.isfinite(stem.dose_e_per_A2) and stem.dose_e_per_A2 > 0):
+        raise InputError(f"{path}: field 'dose_e_per_A2' = {stem.dose_e_per_A2}; a measured dataset needs its dose")
+    return {
+        "energy_eV": float(stem.energy_eV),
+        "semiangle_mrad": float(stem.semiangle_mrad),
+        "scan_step_x_A": float(stem.scan_step_x_A),
+        "scan_step_y_A": float(stem.scan_step_y_A),
+        "k_sampling_x_mrad": float(stem.k_sampling_x_mrad),
+        "k_sampling_y_mrad": float(stem.k_sampling_y_mrad),
+        "scan_shape": [int(shape[0]), int(shape[1])],
+        "detector_shape": [int(shape[2]), int(shape[3])],
+        "dose_e_per_A2": float(stem.dose_e_per_A2),
+    }
+
+
+def simulate_like(
+    *,
+    measured,
+    trajectory,
+    output,
+    structure_output,
+    start_fs: float,
+    frames: int,
+    thickness_A: float | None,
+    vacuum_A: float,
+    seed: int,
+    threads: int = 1,
+    **optics,
+) -> None:
+    """A measured dataset's like-for-like twin: MD frames as a nanocrystal scanned with the dataset's
+    own chain (:func:`_measured_chain`: energy, semi-angle, scan step, detector sampling and extent,
+    dose) and Poisson noise at its dose, to be averaged, reconstructed and fitted like the dataset.
+
+    The crystal is a cube of edge ``thickness_A`` (reconstruct.thickness_A, the specimen's thickness
+    along the beam), enlarged where the scan plus 3 A on each side needs more room (the log says so);
+    the scan covers the whole number of MD cells nearest the measured scan's extent (at least one)."""
+    import os
+    import tempfile
+    from pathlib import Path
+
+    from octastem.md import read_frames
+
+    if thickness_A is None:
+        raise InputError(
+            f"{measured}: reconstruct.thickness_A is null; the like-for-like simulation of a measured sample "
+            "needs the specimen thickness (A)"
+        )
+    chain = _measured_chain(measured)
+    window = read_frames(trajectory, start_fs=start_fs)
+    cell = np.mean([np.asarray(a.cell.lengths()) for a in window], axis=0)
+    extent = np.array(
+        [chain["scan_shape"][1] * chain["scan_step_x_A"], chain["scan_shape"][0] * chain["scan_step_y_A"]]
+    )
+    scan_cells = float(max(1, round(float(np.min(extent / cell[:2])))))
+    step = 0.5 * (chain["scan_step_x_A"] + chain["scan_step_y_A"])
+    k_sampling = 0.5 * (chain["k_sampling_x_mrad"] + chain["k_sampling_y_mrad"])
+    max_angle = k_sampling * (min(chain["detector_shape"]) // 2)
+    n_pb = int(np.sum(window[0].numbers == 82))
+    a_A = float(np.prod(cell) / max(n_pb, 1)) ** (1.0 / 3.0)  # pseudo-cubic lattice period
+    # the scan, 3 A on each side (the nanocrystal's margin) and one period for the faces' rounding
+    edge_A = max(float(thickness_A), scan_cells * float(cell[:2].max()) + 2 * 3.0 + a_A)
+    if edge_A > float(thickness_A) + 1e-9:
+        log.warning(
+            "%s: the crystal is %.1f A thick instead of reconstruct.thickness_A = %g A: a cube must hold the %g x %g "
+            "MD-cell scan and 3 A on each side",
+            output,
+            edge_A,
+            thickness_A,
+            scan_cells,
+            scan_cells,
+        )
+    log.info(
+        "%s: twin of %s: %.0f keV, %.1f mrad, step %.3f A, detector %.3f mrad to %.1f mrad, scan %s (%g MD cells), "
+        "%.1f e/A^2",
+        output,
+        measured,
+        chain["energy_eV"] / 1e3,
+        chain["semiangle_mrad"],
+        step,
+        k_sampling,
+        max_angle,
+        chain["scan_shape"],
+        scan_cells,
+        chain["dose_e_per_A2"],
+    )
+    fd, clean = tempfile.mkstemp(prefix=f".{Path(output).name}.clean.", suffix=".h5", dir=Path(output).parent)
+    os.close(fd)
+    try:
+        simulate_nanocrystal(
+            trajectory=trajectory,
+            output=clean,
+            structure_output=structure_output,
+            start_fs=start_fs,
+            frames=frames,
+            edge_A=edge_A,
+            vacuum_A=vacuum_A,
+            scan_cells=scan_cells,
+            threads=threads,
+            energy_eV=chain["energy_eV"],
+            semiangle_mrad=chain["semiangle_mrad"],
+            scan_step_A=step,
+            max_angle_mrad=max_angle,
+            sampling_A=None,
+            detector_sampling_mrad=k_sampling,
+            **optics,
+        )
+        dose(input_path=clean, output=output, dose_e_per_A2=chain["dose_e_per_A2"], seed=seed)
+    finally:
+        Path(clean).unlink(missing_ok=True)
 
 
 def dose(*, input_path, output, dose_e_per_A2: float, seed: int, averaged_cells: int = 1, summary=None) -> None:
@@ -190,8 +328,12 @@ def ingest(
     counts_per_electron=1.0,
     dose_rtol=0.2,
     dose_e_per_A2=None,
+    origin="plane",
 ) -> None:
-    """A measured dataset in any supported format -> the internal HDF5 format, with a JSON summary."""
+    """A measured dataset in any supported format -> the internal HDF5 format, with a JSON summary.
+
+    ``origin``: the descan fit of ``samples.<name>.raw.origin`` (default "plane": the disc centred and
+    the detector turned onto the scan axes before anything else sees the patterns; "off": as stored)."""
     from octastem.stem import ingest as run
 
     calibration = dict(calibration or {})
@@ -205,6 +347,7 @@ def ingest(
         counts_per_electron=counts_per_electron,
         dose_rtol=dose_rtol,
         progress=True,
+        origin=origin,
     )
     io.write_json(summary, result)
 

@@ -158,8 +158,16 @@ def build_nanocrystal(
     scan_cells: float | None = None,
     min_margin_A: float = 3.0,
     fa_id: np.ndarray | None = None,
+    configurations: int | None = None,
 ) -> Nanocrystal:
     """Cut a cube nanocrystal of edge ``edge_A`` (A) from each MD frame; see the module docstring.
+
+    ``configurations``: None cuts one crystal from each frame, every tile (copy of the MD cell) of
+    it from that frame. A number builds that many crystals in which every tile comes from another
+    frame of ``frames`` (:func:`tile_frames`): each tile a different MD snapshot, as the unit cells
+    of a measured crystal are independent realisations of its thermal motion. The tiles are then
+    placed on the mean cell of the frames (each frame's positions in its own scaled coordinates),
+    so that they join without gaps; ``info['tile_frames']`` records the frame of every tile.
 
     ``frames``: periodic MD frames of one trajectory (same atoms, nearly orthorhombic cells, [001]
     along z). ``vacuum_A``: empty space between the outermost atoms and the box on every side.
@@ -186,15 +194,35 @@ def build_nanocrystal(
     atom, owner, site, fa_out = _unit_atoms(units, symbols, sel_unit)
 
     positions = []
-    for off, s, cell in zip(offsets, scaled, cells):
-        ref_pos = s @ cell  # unwrapped onto frame 0's lattice sites
-        positions.append(ref_pos[sel_unit][owner] + off[atom] + tiles[owner] @ cell)
+    info = {"requested_edge_A": float(edge_A), "min_margin_A": float(min_margin_A)}
+    sources = frames
+    if configurations is None:
+        for off, s, cell in zip(offsets, scaled, cells):
+            ref_pos = s @ cell  # unwrapped onto frame 0's lattice sites
+            positions.append(ref_pos[sel_unit][owner] + off[atom] + tiles[owner] @ cell)
+    else:
+        # every tile from its own frame, all on the mean cell (frames differ in strain, not in lattice)
+        tile_ids, tile_of = np.unique(tiles, axis=0, return_inverse=True)
+        tile_of = np.asarray(tile_of).reshape(-1)[owner]
+        assign = tile_frames(len(frames), int(configurations), len(tile_ids))
+        per_frame = [(s @ mean_cell)[sel_unit][owner] + off[atom] for off, s in zip(offsets, scaled)]
+        shift_tiles = tiles[owner] @ mean_cell
+        for row in assign:
+            f_atom = row[tile_of]
+            p = np.empty((atom.size, 3))
+            for f in np.unique(f_atom):
+                sel = f_atom == f
+                p[sel] = per_frame[f][sel]
+            positions.append(p + shift_tiles)
+        sources = [frames[int(row[0])] for row in assign]
+        info["tile_frames"] = assign.tolist()
+        info["tile_times_fs"] = [[float(frames[int(f)].info.get("time_fs", float("nan"))) for f in row] for row in assign]
     lo_xyz = np.min([p.min(axis=0) for p in positions], axis=0)
     hi_xyz = np.max([p.max(axis=0) for p in positions], axis=0)
     box = hi_xyz - lo_xyz + 2.0 * vacuum_A
     shift = vacuum_A - lo_xyz
     out = []
-    for f, p in zip(frames, positions):
+    for f, p in zip(sources, positions):
         a = Atoms(numbers=ref.numbers[atom], positions=p + shift, cell=box, pbc=False)
         a.set_array("site", site.astype("<U2"))
         a.set_array("fa_id", fa_out.astype(int))
@@ -211,8 +239,25 @@ def build_nanocrystal(
         edge_A=tuple(float(n * a) for n, a in zip(n_cells, lattice)),
         vacuum_A=float(vacuum_A),
         margin_A=float(margin_A.min()),
-        info={"requested_edge_A": float(edge_A), "min_margin_A": float(min_margin_A)},
+        info=info,
     )
+
+
+def tile_frames(n_frames: int, configurations: int, n_tiles: int) -> np.ndarray:
+    """Frame index of every tile of every configuration, (configurations, n_tiles): the
+    ``configurations * n_tiles`` slots run through the frames with a stride near ``n_frames`` / golden
+    ratio and coprime to it, so that neighbouring tiles and successive configurations take frames far
+    apart in time (less correlated), every frame is used as evenly as the counts allow, and tiles of
+    one configuration repeat a frame only when there are fewer frames than tiles."""
+    if n_frames < 1 or configurations < 1 or n_tiles < 1:
+        raise InputError(
+            f"nanocrystal: {configurations} configurations of {n_tiles} tiles from {n_frames} frames; each must be >= 1"
+        )
+    stride = max(1, round(n_frames * 0.6180339887))
+    while math.gcd(stride, n_frames) != 1:
+        stride += 1
+    slots = np.arange(configurations * n_tiles)
+    return ((slots * stride) % n_frames).reshape(configurations, n_tiles)
 
 
 def _check_settings(edge_A, vacuum_A, scan_cells, min_margin_A) -> float:
