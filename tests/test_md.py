@@ -238,3 +238,39 @@ def test_nve_energy_conserved_and_momentum_zero(reference_calc):
     assert drift < 2e-3, f"NVE energy drift {drift * 1e3:.2f} meV/atom"
     p = atoms.get_momenta().sum(0)
     assert np.abs(p).max() < 1e-3 * np.abs(atoms.get_momenta()).sum() / len(atoms)
+
+
+def test_hydrogen_mass_repartitioning_keeps_every_molecule_mass():
+    from octastem.md.run import repartition_hydrogen_mass
+
+    atoms = build_fapbbr3((2, 1, 1))
+    heavy = repartition_hydrogen_mass(atoms, 4.0)
+    h = atoms.numbers == 1
+    assert np.allclose(heavy.get_masses()[h], 4.0)
+    assert heavy.get_masses().sum() == pytest.approx(atoms.get_masses().sum())
+    # the added mass comes from each molecule's own C and N atoms: every FA molecule keeps its mass
+    for m in np.unique(atoms.arrays["fa_id"][atoms.arrays["fa_id"] >= 0]):
+        sel = atoms.arrays["fa_id"] == m
+        assert heavy.get_masses()[sel].sum() == pytest.approx(atoms.get_masses()[sel].sum())
+    assert np.array_equal(
+        heavy.get_masses()[~np.isin(atoms.numbers, [1, 6, 7])], atoms.get_masses()[~np.isin(atoms.numbers, [1, 6, 7])]
+    )
+    assert np.array_equal(repartition_hydrogen_mass(atoms, None).get_masses(), atoms.get_masses())
+    with pytest.raises(InputError, match="no mass left"):
+        repartition_hydrogen_mass(atoms, 8.0 + 20.0)
+
+
+def test_hmr_run_records_its_masses_and_resumes_only_with_them(tmp_path):
+    calc = mace_calculator(load_mace_model(STUDENT, device="cpu"), device="cpu", threads=1)
+    atoms = build_fapbbr3((1, 1, 1))
+    out = tmp_path / "hmr.h5"
+    kw = dict(total_fs=8.0, frame_interval_fs=2.0, timestep_fs=2.0, checkpoint_every=1, progress=False)
+    part = run_npt(atoms, calc, out, hydrogen_mass_u=4.0, max_frames=2, **kw)
+    with h5py.File(part) as f:
+        assert float(f.attrs["hydrogen_mass_u"]) == 4.0
+    with pytest.raises(InputError, match="hydrogen_mass_u"):
+        run_npt(atoms, calc, out, **kw)  # natural masses cannot continue a repartitioned run
+    run_npt(atoms, calc, out, hydrogen_mass_u=4.0, **kw)
+    with h5py.File(out) as f:
+        assert np.isfinite(f["positions"][()]).all() and f["time_fs"].shape == (5,)
+        assert 100.0 < float(np.mean(f["temperature_K"][1:])) < 600.0  # a 2 fs step stays stable with H at 4 u

@@ -155,32 +155,36 @@ def _suite_table(path):
     return path
 
 
-def test_method_check_takes_the_suite_case_nearest_to_the_data(tmp_path):
+def test_method_check_takes_the_suite_cases_nearest_to_the_acquisition(tmp_path):
+    """The cases are chosen by step, dose, averaging and thickness, never by the measured value: a round
+    and an elongated crystal measured the same way get the same check, listing every structure there."""
     from octastem.report import method_check, method_check_notes
 
     suite = pd.read_csv(_suite_table(tmp_path / "suite.csv"))
-    # the averaged noisy row at the data's step whose truth is nearest the measured value
-    best = method_check(suite, "cnn", 48.0, 0.2, 24.0, 1.18)
-    assert best["case"] == "FA_d0.10_static_t4_s0.20" and best["bias_band_limited"] == pytest.approx(-0.05)
-    assert best["step_mismatch"] == 0.0
-    assert method_check(suite, "cnn", 48.0, 0.4, 24.0, 1.18)["bias_band_limited"] == pytest.approx(0.20)
-    assert method_check(suite, "wdd", 48.0, 0.2, 24.0, 1.18) is None
+    rows = method_check(suite, "cnn", 48.0, 0.2, 24.0)
+    assert rows["case"].tolist() == ["FA_d0.00_static_t4_s0.20", "FA_d0.10_static_t4_s0.20"]
+    assert rows["bias_band_limited"].tolist() == pytest.approx([0.04, -0.05])
+    assert (rows["step_mismatch"] == 0.0).all() and (rows["averaged_cells"] == 64).all()
+    assert method_check(suite, "cnn", 48.0, 0.4, 24.0)["bias_band_limited"].tolist() == pytest.approx([0.20])
+    assert method_check(suite, "wdd", 48.0, 0.2, 24.0) is None
     df = pd.DataFrame(
         [
             {
                 "source": "4D-STEM",
-                "dataset": "low_dose",
-                "label": "low dose",
+                "dataset": d,
+                "label": d,
                 "method": "cnn",
                 "dose_e_per_A2": 48.0,
-                "median_ellipticity": 1.18,
+                "median_ellipticity": m,
             }
+            for d, m in (("round", 1.0), ("elongated", 1.6))
         ]
     )
-    notes = method_check_notes(
-        df, {"low_dose": {"dose_e_per_A2": 48.0}}, {"scan_step_A": 0.3}, {}, tmp_path / "suite.csv"
-    )
-    assert "bias -0.050" in notes[0] and "0.3 A) is not in the suite" in notes[0]
+    samples = {"round": {"dose_e_per_A2": 48.0}, "elongated": {"dose_e_per_A2": 48.0}}
+    notes = method_check_notes(df, samples, {"scan_step_A": 0.3}, {}, tmp_path / "suite.csv", {"round": 60.0})
+    assert "bias +0.040" in notes[0] and "bias -0.050" in notes[0] and "0.3 A) is not in the suite" in notes[0]
+    assert notes[0].split(": on")[1] == notes[1].split(": on")[1]  # the measured value chooses nothing
+    assert "60 cells averaged" in notes[0]
     assert "no known-truth suite" in method_check_notes(df, {}, {}, {}, tmp_path / "none.csv")[0]
 
 

@@ -459,14 +459,20 @@ def _suite_rows(path) -> pd.DataFrame | None:
 
 
 def method_check(
-    suite: pd.DataFrame, method: str, dose: float, step_A: float, thickness_A: float | None, value: float
-) -> dict | None:
-    """The suite's row nearest to a measurement: ``method``; the dose nearest ``dose`` (noisy rows
-    first, the template-matching average preferred); the scan step nearest ``step_A``; the
-    thickness nearest ``thickness_A`` (A; FA cells of 6 A, Cs of 5.87 A); FA on the A site when
-    present; then the split whose band-limited truth is nearest the measured ``value``. Returns the
-    row as a dict with ``step_mismatch`` (relative) and ``thickness_A`` of the case; None when the
-    suite has no row of ``method``."""
+    suite: pd.DataFrame,
+    method: str,
+    dose: float,
+    step_A: float,
+    thickness_A: float | None,
+    averaged_cells: float | None = None,
+) -> pd.DataFrame | None:
+    """The suite's cases nearest to a measurement's acquisition, one row per structure (split) there:
+    ``method``; the dose nearest ``dose`` (noisy rows first); the averaging nearest ``averaged_cells``
+    (equivalent cells behind each averaged position, on a log scale; None: the largest); the scan
+    step nearest ``step_A``; the thickness nearest ``thickness_A`` (A; FA cells of 6 A, Cs of
+    5.87 A); FA on the A site when present. The measured value plays no part: the bias is stated for
+    every structure at that acquisition. Rows carry ``step_mismatch`` (relative) and ``thickness_A``
+    of the case, ordered by truth; None when the suite has no row of ``method``."""
     from octastem.evaluation import LATTICE_A
 
     rows = suite[suite["method"] == method].copy()
@@ -475,22 +481,50 @@ def method_check(
     if (rows["cation"] == "FA").any():
         rows = rows[rows["cation"] == "FA"]
     noisy = rows[rows["dose_e_per_A2"].notna()]
-    if not noisy.empty:
+    if not noisy.empty and np.isfinite(dose):
         rows = noisy
         rows = rows[(rows["dose_e_per_A2"] - dose).abs() == (rows["dose_e_per_A2"] - dose).abs().min()]
-        rows = rows[rows["averaged_cells"] == rows["averaged_cells"].max()]
+        if averaged_cells is None or not np.isfinite(averaged_cells) or averaged_cells <= 0:
+            rows = rows[rows["averaged_cells"] == rows["averaged_cells"].max()]
+        else:
+            gap = (np.log(rows["averaged_cells"].astype(float)) - np.log(float(averaged_cells))).abs()
+            rows = rows[gap == gap.min()]
+    elif not np.isfinite(dose):
+        clean = rows[rows["dose_e_per_A2"].isna()]
+        rows = clean if not clean.empty else rows
     rows = rows[(rows["scan_step_A"] - step_A).abs() == (rows["scan_step_A"] - step_A).abs().min()]
     rows = rows.assign(thickness_A=[t * LATTICE_A.get(c, 6.0) for t, c in zip(rows["thickness_cells"], rows["cation"])])
     if thickness_A is not None:
         rows = rows[(rows["thickness_A"] - thickness_A).abs() == (rows["thickness_A"] - thickness_A).abs().min()]
-    best = rows.iloc[int(np.argmin((rows["truth_band_limited"] - value).abs().to_numpy()))].to_dict()
-    best["step_mismatch"] = abs(float(best["scan_step_A"]) - step_A) / step_A
-    return best
+    rows = rows.sort_values("truth_band_limited").assign(
+        step_mismatch=lambda r: (r["scan_step_A"] - step_A).abs() / step_A
+    )
+    return rows.reset_index(drop=True)
 
 
-def method_check_notes(df: pd.DataFrame, samples: dict, stem: dict, thickness: dict, suite_table) -> list[str]:
-    """For each 4D-STEM column: the measured bias of its method on the known-truth suite's case
-    nearest to the data (:func:`method_check`), in words; one line when there is no suite table."""
+def averaged_cells_of(path) -> float | None:
+    """Equivalent cells behind each position of a reconstructed dataset (internal HDF5): the template
+    average's mean contributions (``n_mean``) or a periodic sample's ``averaged_cells``; None if neither."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = dict(f.attrs)
+    except OSError:
+        return None
+    for key in ("n_mean", "averaged_cells"):
+        if key in attrs:
+            return float(attrs[key])
+    return None
+
+
+def method_check_notes(
+    df: pd.DataFrame, samples: dict, stem: dict, thickness: dict, suite_table, averaging: dict | None = None
+) -> list[str]:
+    """For each 4D-STEM column: the measured bias of its method on the known-truth suite's cases
+    nearest to the data's acquisition (:func:`method_check`: step, dose, averaging, thickness; not the
+    measured value), in words; one line when there is no suite table. ``averaging``: sample ->
+    equivalent cells behind each averaged position (:func:`averaged_cells_of`)."""
     suite = _suite_rows(suite_table)
     name = "/".join(Path(suite_table).parts[-4:])  # as the repository names it, not this machine's path
     rows = df[df["source"] == "4D-STEM"]
@@ -507,24 +541,35 @@ def method_check_notes(df: pd.DataFrame, samples: dict, stem: dict, thickness: d
             else float(stem["scan_step_A"])
         )
         t = thickness.get(r["dataset"]) if thickness else None
-        c = method_check(suite, r["method"], float(r["dose_e_per_A2"]), step, t, float(r["median_ellipticity"]))
-        if c is None:
+        n_avg = (averaging or {}).get(r["dataset"])
+        c = method_check(suite, r["method"], float(r["dose_e_per_A2"]), step, t, n_avg)
+        if c is None or c.empty:
             out.append(f"Method check, {r['label']}: the suite ({name}) has no rows of method {r['method']}.")
             continue
+        first = c.iloc[0]
         acq = (
             "noise free"
-            if not np.isfinite(c["dose_e_per_A2"])
-            else (f"{c['dose_e_per_A2']:g} e/A^2 x {int(c['averaged_cells'])} cells, {int(c['n_seeds'])} noise draws")
+            if not np.isfinite(first["dose_e_per_A2"])
+            else (
+                f"{first['dose_e_per_A2']:g} e/A^2 x {int(first['averaged_cells'])} cells, "
+                f"{int(first['n_seeds'])} noise draws"
+            )
         )
+        cases = "; ".join(
+            f"truth {x['truth_band_limited']:.3f}: reads {x['br_ellipticity']:.3f} ± {x['br_ellipticity_std']:.3f}, "
+            f"bias {x['bias_band_limited']:+.3f}"
+            for _, x in c.iterrows()
+        )
+        data = f"step {step:g} A, {r['dose_e_per_A2']:g} e/A^2" + (f", {n_avg:.0f} cells averaged" if n_avg else "")
         text = (
-            f"Method check, {r['label']}: on the known-truth suite's nearest case ({c['case']}, {acq}; "
-            f"{name}) {r['method']} reads {c['br_ellipticity']:.3f} ± {c['br_ellipticity_std']:.3f} for a "
-            f"band-limited truth of {c['truth_band_limited']:.3f}: bias {c['bias_band_limited']:+.3f}."
+            f"Method check, {r['label']} ({data}): on the known-truth suite's cases nearest to this acquisition "
+            f"({first['scan_step_A']:g} A, {first['thickness_A']:.0f} A thick, {acq}; {name}) {r['method']} gives "
+            f"{cases}."
         )
-        if c["step_mismatch"] > 0.05:
+        if first["step_mismatch"] > 0.05:
             text += (
-                f" The data's scan step ({step:g} A) is not in the suite (nearest {c['scan_step_A']:g} A): the bias "
-                "at the data's step is not measured."
+                f" The data's scan step ({step:g} A) is not in the suite (nearest {first['scan_step_A']:g} A): "
+                "the bias at the data's step is not measured."
             )
         out.append(text)
     return out
@@ -582,19 +627,22 @@ def write_table1(
     thickness=None,
     like=None,
     like_fits=None,
+    stems=None,
 ) -> pd.DataFrame:
     """Table 1 as CSV, Markdown (with comparisons, per-projection values, convergence, notes and
     provenance), HTML; ``provenance_json`` gets the full record, ``comparisons_csv`` the table of
     :func:`comparisons`; ``headline``: the 4D-STEM value shown (:data:`HEADLINES`); ``suite_table``:
     the known-truth suite's ``suite.csv`` whose nearest case states each 4D-STEM column's method bias
     (:func:`method_check_notes`; ``thickness``: specimen thickness per sample, A); ``like`` (sample ->
-    like-for-like dataset) and ``like_fits`` (dataset -> fit summary): the rows of :func:`like_rows`."""
+    like-for-like dataset) and ``like_fits`` (dataset -> fit summary): the rows of :func:`like_rows`;
+    ``stems``: sample -> its reconstructed dataset, whose averaging the method check matches."""
     df = build_table1(columns, fit_paths, samples, method, headline)
     if like_fits:
         df = pd.concat([df, like_rows(df, like or {}, like_fits, samples, method, headline)], ignore_index=True)
     notes = notes_for(df, md_summaries, md, stem, structure, systems)
     if suite_table is not None:
-        notes += method_check_notes(df, samples, stem, thickness or {}, suite_table)
+        averaging = {name: averaged_cells_of(path) for name, path in (stems or {}).items()}
+        notes += method_check_notes(df, samples, stem, thickness or {}, suite_table, averaging)
     cmp = comparisons(df, columns, samples, systems)
     cmp_text = comparison_lines(cmp)
     conv = convergence_lines(df, fit_paths)
