@@ -181,7 +181,7 @@ def test_inspect_real_merlin_file(merlin, tmp_path, capsys):
     assert found["counts_per_position"]["mean"] == pytest.approx(data.sum(axis=(2, 3)).mean(), rel=1e-12)
     assert found["dose_e_per_A2"] is None and "scan step is not in the file" in out
     # the disk of this acquisition lies near the left edge of the detector: flagged
-    assert found["disk"]["off_centre"] and found["disk"]["centre_px"][1] < 64 and "off the detector centre" in out
+    assert found["disk"]["off_centre"] and found["disk"]["centre_px"][1] < 64 and "cut by the detector edge" in out
     ky, kx = np.indices((256, 256))
     k = np.hypot(ky - found["disk"]["centre_px"][0], kx - found["disk"]["centre_px"][1])
     bf = data[..., k <= found["disk"]["radius_px"]].sum(axis=-1)
@@ -264,6 +264,10 @@ def test_reconstruct_real_merlin_file(merlin, tmp_path, capsys):
     options = [x for c in cal for x in ("--calibration", c)]
     args = ["reconstruct", merlin, "--method", "icom", "-o", out / "phase.h5"]
     assert_refused(capsys, merlin, out, *args, match="'energy_eV' is missing")
+    # the disc of this acquisition touches the detector edge (column 0): refused, nothing left behind
+    assert_refused(capsys, merlin, out, *args, *options, "--n-cells", "1", "1", match="cut by the detector edge")
+    # as stored (no centring), with the rotation given, it is reconstructed as before
+    options += ["--origin", "off", "--calibration", "scan_rotation_deg=0"]
     assert_refused(capsys, merlin, out, *args, *options, match="--n-cells")
     assert_refused(capsys, merlin, out, *args, *options, "--n-cells", "1", "1", "--dose", "48", match="dose_e_per_A2")
     rc, _, err = cli(capsys, *args, *options, "--n-cells", "1", "1")

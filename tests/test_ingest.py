@@ -254,14 +254,37 @@ def test_nan_and_negative(tmp_path, bad, match):
     assert_fails(tmp_path, src, rf"{match}.*\(4, 3\), pixel \(2, 1\)", chunk_positions=5)
 
 
-@pytest.mark.parametrize(
-    "field", ["energy_eV", "semiangle_mrad", "scan_step_A", "k_sampling_mrad", "scan_rotation_deg"]
-)
+@pytest.mark.parametrize("field", ["energy_eV", "semiangle_mrad", "scan_step_A", "k_sampling_mrad"])
 def test_missing_calibration(tmp_path, field):
     src = tmp_path / "raw.npy"
     np.save(src, counts())
     cal = {k: v for k, v in CAL.items() if k != field}
     assert_fails(tmp_path, src, f"'{field}' is missing", calibration=cal)
+
+
+def test_unset_rotation_is_measured_and_needs_the_origin_measurement(tmp_path):
+    src = tmp_path / "raw.npy"
+    np.save(src, counts())
+    cal = {k: v for k, v in CAL.items() if k != "scan_rotation_deg"}
+    assert_fails(tmp_path, src, "'scan_rotation_deg' is unset .* origin = 'off' skips", calibration=cal, origin="off")
+    # flat noise holds no disc to measure anything from
+    assert_fails(tmp_path, src, "no bright-field disc found in the mean pattern", calibration=cal, origin="plane")
+
+
+@pytest.mark.parametrize(
+    "field, value, slip",
+    [
+        ("energy_eV", 300.0, r"kV or keV typed as eV \(did you mean 300000\?\)"),
+        ("semiangle_mrad", 0.02, r"rad typed as mrad \(did you mean 20\?\)"),
+        ("scan_step_A", 0.004, r"nm typed as A \(did you mean 0.04\?\)"),
+        ("scan_step_A", 40.0, r"pm typed as A \(did you mean 0.4\?\)"),
+    ],
+)
+def test_implausible_calibration_names_the_slip(tmp_path, field, value, slip):
+    src = tmp_path / "raw.npy"
+    np.save(src, counts())
+    match = rf"'{field}' = {value:g} \(config\) is implausible; expected .*{slip}"
+    assert_fails(tmp_path, src, match, calibration={**CAL, field: value})
 
 
 def test_invalid_calibration(tmp_path):

@@ -320,3 +320,66 @@ def test_distinct_tiles_each_hold_their_own_frame():
         used = sorted(set(assign[c].tolist()))
         assert len(found) == len(used) >= 3
         assert np.array_equal(np.diff(found), np.diff(used))
+
+
+def test_simulated_twin_of_a_measured_dataset_takes_its_chain(tmp_path, monkeypatch):
+    """simulate_like hands the measured file's own calibration to the simulation (energy, semi-angle,
+    scan step, detector sampling and extent), scans the whole MD cells nearest the measured extent, draws
+    Poisson noise at the measured dose, and leaves no temporary file behind."""
+    frames = md_frames(n=3)
+    traj = tmp_path / "trajectory.h5"
+    with h5py.File(traj, "w") as f:
+        f["numbers"] = frames[0].numbers
+        f["time_fs"] = np.array([0.0, 10.0, 20.0])
+        f["positions"] = np.stack([a.positions for a in frames])
+        f["cell"] = np.stack([a.cell[:] for a in frames])
+    measured = tmp_path / "measured.h5"
+    counts = np.ones((30, 31, 40, 44), np.float32)
+    write = io.Stem4D(counts, 200e3, 21.0, 0.41, 1.1, 48.0, source="measured", scan_step_x_A=0.41, scan_step_y_A=0.39)
+    io.write_4dstem(measured, write)
+    seen = {}
+
+    def fake(nc_frames, **kwargs):
+        seen["frames"], seen["kwargs"] = nc_frames, kwargs
+        data = np.full((6, 6, 9, 9), 1.0 / 81, np.float32)
+        extra = {"scan_shape": [6, 6], "sampling_A": 0.1}
+        return io.Stem4D(
+            data, kwargs["energy_eV"], kwargs["semiangle_mrad"], kwargs["scan_step_A"], 1.1, math.inf, extra=extra
+        )
+
+    monkeypatch.setattr("octastem.stem.simulate_4dstem", fake)
+    out = tmp_path / "twin.h5"
+    stages.simulate_like(
+        measured=measured,
+        trajectory=traj,
+        output=out,
+        structure_output=tmp_path / "twin.extxyz",
+        start_fs=0.0,
+        frames=2,
+        thickness_A=24.0,
+        vacuum_A=3.0,
+        seed=5,
+        tiles="distinct",
+        slice_thickness_A=2.0,
+    )
+    kw = seen["kwargs"]
+    assert kw["energy_eV"] == 200e3 and kw["semiangle_mrad"] == 21.0
+    assert kw["scan_step_A"] == pytest.approx(0.40) and kw["detector_sampling_mrad"] == pytest.approx(1.1)
+    assert kw["max_angle_mrad"] == pytest.approx(1.1 * 20)  # half the smaller detector side
+    assert kw["scan_periods"] == 1.0  # 12.7 A x 11.7 A measured: one 12 A MD cell
+    twin = read_4dstem(out)
+    assert twin.dose_e_per_A2 == 48.0 and twin.extra["intensity_unit"] == "counts"
+    assert np.allclose(twin.data.sum(axis=(2, 3)).mean(), 48.0 * 0.40 * 0.40, rtol=0.2)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+    with pytest.raises(InputError, match="reconstruct.thickness_A"):
+        stages.simulate_like(
+            measured=measured,
+            trajectory=traj,
+            output=out,
+            structure_output=tmp_path / "twin.extxyz",
+            start_fs=0.0,
+            frames=2,
+            thickness_A=None,
+            vacuum_A=3.0,
+            seed=5,
+        )

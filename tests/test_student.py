@@ -228,3 +228,44 @@ def test_npt_stability_report(tmp_path):
     assert r["force_rmse_on_own_frames_meV_per_A"] < 1e-2
     assert all(5.5 < v < 6.5 for v in r["pseudo_cubic_A"].values())
     assert (tmp_path / "student_npt.h5").exists()
+
+
+class _RunsCode:
+    """Unpickling this object creates the file ``marker`` (what a malicious model file could do)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_trust_model_file_defaults_to_false_for_md_and_student():
+    from octastem.config import schema_defaults
+
+    assert schema_defaults("student", "trust_model_file") is False
+    assert schema_defaults("md", "trust_model_file") is False
+
+
+def test_round_model_verified_by_the_record_written_with_it(tmp_path):
+    """A round model is handed on only while its bytes match the sha256 written beside it; an unrecorded
+    student.reference is not unpickled under the default config."""
+    import pickle
+
+    from octastem.md.student import model_e0s
+    from octastem.stages.student import model_trust, sha256_record, write_sha256_record
+
+    marker = tmp_path / "code_ran"
+    model = tmp_path / "student_r0.model"
+    model.write_bytes(pickle.dumps(_RunsCode(marker)))
+    assert not model_trust([model], trust_model_file=False)  # no record yet
+    record = write_sha256_record(model)
+    assert record == sha256_record(model) and record.read_text().split()[1] == "student_r0.model"
+    assert model_trust([model, STUDENT], trust_model_file=False)  # own record + resources/student record
+    model.write_bytes(model.read_bytes() + b"\0")  # replaced after training: the record no longer matches
+    assert not model_trust([model], trust_model_file=False)
+    assert model_trust([model], trust_model_file=True)
+    # what student_data / train_student then do with an unverified reference: refuse it, run nothing
+    with pytest.raises(InputError, match=r"student_r0.model: unverified .* set student.trust_model_file: true"):
+        model_e0s(model, trust=model_trust([model], trust_model_file=False))
+    assert not marker.exists()

@@ -178,6 +178,7 @@ RAW_OPTIONS = {
     "counts_per_electron": "--counts-per-electron",
     "calibration": "--calibration",
     "calibration.scan_shape": "--scan-shape",
+    "origin": "--origin",
 }
 
 
@@ -193,6 +194,7 @@ def _raw_settings(args: argparse.Namespace) -> dict:
         "format": args.format,
         "counts_per_electron": args.counts_per_electron,
         "calibration": calibration,
+        "origin": getattr(args, "origin", _raw_default("origin")),
     }
     if args.dataset is not None:
         raw["dataset"] = args.dataset
@@ -214,10 +216,18 @@ def _add_raw_options(p: argparse.ArgumentParser) -> None:
         action="append",
         metavar="KEY=VALUE",
         help="where the file has none (repeat): energy_eV, semiangle_mrad, scan_step_A, k_sampling_mrad, "
-        "scan_rotation_deg (default 0)",
+        "scan_rotation_deg (default: measured from the data)",
     )
     g.add_argument(
         "--counts-per-electron", type=float, default=cpe, metavar="C", help=f"counts per electron (default {cpe:g})"
+    )
+    origin = _raw_default("origin")
+    g.add_argument(
+        "--origin",
+        choices=_schema_node("samples", "*", "raw", "origin")["enum"],
+        default=origin,
+        help=f"descan fit of the disc centre before the patterns are centred and turned onto the scan axes "
+        f"(default {origin}; off: as stored)",
     )
 
 
@@ -240,11 +250,16 @@ def _naming(source: Path, work: Path | None = None) -> Iterator[None]:
 @contextlib.contextmanager
 def _staged(outputs: Sequence[Path]) -> Iterator[list[Path]]:
     """Temporary paths with the outputs' names in a hidden folder next to the first output; all are moved
-    into place only when the block succeeds, so a failed command leaves nothing behind."""
+    into place only when the block succeeds, so a failed (or SIGTERM-ended) command leaves nothing
+    behind; folders of earlier commands that were killed outright are removed first."""
+    from octastem.io import owner_tag, remove_orphans
+
     parent = outputs[0].parent
     made = not parent.exists()
     parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".octastem-", dir=parent))
+    for orphan in remove_orphans(parent, ".octastem-"):
+        _say(f"removed {orphan}, left by an interrupted command")
+    tmp = Path(tempfile.mkdtemp(prefix=f".octastem-{owner_tag()}.", dir=parent))
     try:
         yield [tmp / p.name for p in outputs]
         for p in outputs:
@@ -386,6 +401,7 @@ def _ingest_raw(args: argparse.Namespace, raw: dict, work: Path) -> Path:
             counts_per_electron=raw["counts_per_electron"],
             dose_rtol=_raw_default("dose_rtol"),
             dose_e_per_A2=args.dose,
+            origin=raw["origin"],
         )
     except InputError as e:
         if "calibration field" in str(e) and "missing" in str(e):
@@ -593,6 +609,10 @@ def main(argv: list[str] | None = None) -> int:
         i = argv.index("--")
         argv, extra = argv[:i], argv[i + 1 :]
     args = p.parse_args(argv)
+    if args.command != "run":  # `run` hands signals to Snakemake
+        from octastem.io import exit_on_sigterm
+
+        exit_on_sigterm()
     try:
         return args.func(args, extra)
     except InputError as e:

@@ -32,6 +32,7 @@ from octastem.stem.ingest import REQUIRED_CALIBRATION, guess_format, open_source
 from octastem.stem.ingest.calibration import AXIS_PAIRS
 from octastem.stem.ingest.stream import check_chunk, check_source, chunk_rows, read_rows
 from octastem.stem.lattice import detector_vectors
+from octastem.stem.origin import find_disc
 
 #: Attributes of an internal 4D-STEM file worth reporting beside the calibration.
 RECORDED = ("dose_e_per_A2", "source", "intensity_unit", "counts_per_electron", "n_cells", "supercell", "format")
@@ -147,16 +148,22 @@ class Inspection:
             lines.append("  warning      every pattern is empty (zero counts)")
         d = self.disk
         if not d["found"]:
-            lines.append("  BF disk      none found (the mean pattern is empty)")
+            empty = "the mean pattern is empty" if self.total_counts == 0 else "nothing in the mean pattern is a disk"
+            lines.append(f"  BF disk      none found ({empty})")
         else:
             lines.append(
                 f"  BF disk      radius {d['radius_px']:.1f} px, centre (k_y, k_x) = ({d['centre_px'][0]:.1f}, "
                 f"{d['centre_px'][1]:.1f}) px; the pipeline takes the optical axis at ({nky // 2}, {nkx // 2})"
             )
-        if d.get("off_centre"):
+        if d.get("cut"):
             lines.append(
-                "  warning      the disk is off the detector centre by more than half its radius: the "
-                "pipeline's virtual detectors and the CNN assume a centred disk"
+                "  warning      the disk is cut by the detector edge: the ingest refuses it (origin: plane), "
+                "since centre of mass, virtual detectors and the CNN need the whole disk"
+            )
+        elif d.get("off_centre"):
+            lines.append(
+                "  note         the disk is off the detector centre by more than half its radius: the ingest "
+                "(origin: plane) centres it before any detector or reconstruction sees the patterns"
             )
         lines.append(f"  detectors    {self.detector['description']}")
         return "\n".join(lines)
@@ -219,21 +226,17 @@ def _stream(path: Path, src, rows: int, vec: np.ndarray | None, progress: bool, 
 
 
 def find_disk(mean_pattern: np.ndarray) -> dict:
-    """The bright-field disk of a mean pattern: the largest connected region above half of its
-    99.9th-percentile intensity (robust to hot pixels); centre (k_y, k_x) and radius sqrt(area / pi), pixels."""
-    from scipy import ndimage
-
+    """The bright-field disk of a mean pattern (:func:`octastem.stem.origin.find_disc`, as the ingest
+    finds it): centre (k_y, k_x) and radius in pixels, whether it is cut by the detector edge and
+    off the detector centre by more than half its radius; ``found`` False when the pattern holds
+    no disk (no counts, or nothing brighter than its surroundings)."""
     m = np.asarray(mean_pattern, dtype=float)
-    level = 0.5 * float(np.percentile(m, 99.9))
-    labels, n = ndimage.label(m > level) if level > 0 else (np.zeros(m.shape, int), 0)
-    if n == 0:
+    disc = find_disc(m)
+    if disc is None:
         return {"centre_px": [m.shape[0] / 2, m.shape[1] / 2], "radius_px": 0.0, "found": False}
-    sizes = ndimage.sum(np.ones_like(m), labels, range(1, n + 1))
-    k = int(np.argmax(sizes)) + 1
-    cy, cx = ndimage.center_of_mass(m > level, labels, k)
-    radius = math.sqrt(float(sizes[k - 1]) / math.pi)
-    off = math.hypot(cy - m.shape[0] // 2, cx - m.shape[1] // 2) > 0.5 * radius
-    return {"centre_px": [float(cy), float(cx)], "radius_px": radius, "found": True, "off_centre": bool(off)}
+    cy, cx = disc.centre_px
+    off = math.hypot(cy - m.shape[0] // 2, cx - m.shape[1] // 2) > 0.5 * disc.radius_px
+    return {**disc.as_dict(), "found": True, "off_centre": bool(off)}
 
 
 def _pixel_vectors(shape_k: tuple[int, int], disk: dict) -> np.ndarray:
@@ -346,7 +349,7 @@ def inspect_file(
     Raises :class:`InputError` naming the file for anything the ingest would refuse to read.
     """
     path = Path(path)
-    given = {k: float(v) for k, v in dict(calibration or {}).items() if k != "scan_shape"}
+    given = {k: float(v) for k, v in dict(calibration or {}).items() if k != "scan_shape" and v is not None}
     if not (math.isfinite(counts_per_electron) and counts_per_electron > 0):
         raise InputError(f"{path}: field 'counts_per_electron' must be a positive number, got {counts_per_electron}")
     recorded = _recorded(path, fmt, dataset) if path.is_file() else None

@@ -17,6 +17,7 @@ import contextlib
 import json
 import os
 import platform
+import re
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -55,16 +56,67 @@ class InputError(ValueError):
     """A file or setting is not what a stage expects; the message names file, field and expectation."""
 
 
+def owner_tag() -> str:
+    """``<host>-<pid>``: the writer named in the temporary files and folders this process makes."""
+    return f"{platform.node() or 'localhost'}-{os.getpid()}"
+
+
+def _alive_here(tag: str) -> bool:
+    """Whether ``tag`` (:func:`owner_tag`) names a running process of this host."""
+    host, _, pid = tag.rpartition("-")
+    if host != (platform.node() or "localhost") or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_orphans(folder: Path, prefix: str) -> list[Path]:
+    """Remove the files and folders in ``folder`` named ``<prefix><owner>.<random>...`` whose owner
+    (:func:`owner_tag`) is not a running process of this host: what a killed writer (kill -9, a
+    node lost) left behind. A writer on another host is taken as gone: one job writes an output
+    at a time (Snakemake's lock). Returns what was removed."""
+    import shutil
+
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for entry in folder.iterdir():
+        if not entry.name.startswith(prefix):
+            continue
+        owner = re.match(r"(.+-\d+)\.", entry.name[len(prefix) :])
+        if owner is not None and _alive_here(owner.group(1)):
+            continue
+        with contextlib.suppress(OSError):
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it to ``path`` only if the block succeeds.
 
-    The temporary name is hidden and keeps the suffix, so writers that infer the format from
-    the extension (matplotlib, ASE) still work.
+    The temporary name is hidden, names its writer (``.<name>.part.<host>-<pid>.<random><suffix>``)
+    and keeps the suffix, so writers that infer the format from the extension (matplotlib, ASE)
+    still work. Temporary files of ``path`` left by a writer that no longer runs (killed with
+    SIGKILL, or on a lost node) are removed first (:func:`remove_orphans`); a stage ended by
+    SIGTERM removes its own (:func:`exit_on_sigterm`).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.part.", suffix=path.suffix, dir=path.parent)
+    for orphan in remove_orphans(path.parent, f".{path.name}.part."):
+        import logging
+
+        logging.getLogger("octastem").info("%s: removed %s, left by an interrupted writer", path, orphan.name)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.part.{owner_tag()}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(tmp)
     try:
@@ -77,6 +129,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def exit_on_sigterm() -> bool:
+    """Make SIGTERM (a SLURM time limit, ``kill``) raise ``SystemExit(143)`` in this process, so that
+    ``finally`` blocks run and temporary outputs are removed; returns whether it was installed (only
+    from the main thread, and only over the default handler)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    if signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        return signal.getsignal(signal.SIGTERM) is _raise_exit
+    signal.signal(signal.SIGTERM, _raise_exit)
+    return True
+
+
+def _raise_exit(signum, frame):
+    raise SystemExit(128 + signum)
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:

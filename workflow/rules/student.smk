@@ -7,6 +7,7 @@ rule student_data:
     """Configurations from short MD (round 0: reference-driven; later: student-driven), labelled by the reference."""
     input:
         driver=lambda wc: [] if int(wc.round) == 0 else f"results/student/student_r{int(wc.round) - 1}.model",
+        driver_sha256=lambda wc: [] if int(wc.round) == 0 else f"results/student/student_r{int(wc.round) - 1}.model.sha256",
     output:
         data="results/student/data_r{round}.xyz",
         summary="results/student/data_r{round}.json",
@@ -35,6 +36,7 @@ rule train_student:
         warm_start=lambda wc: [] if int(wc.round) == 0 else f"results/student/student_r{int(wc.round) - 1}.model",
     output:
         model="results/student/student_r{round}.model",
+        sha256="results/student/student_r{round}.model.sha256",
         split=directory("results/student/split_r{round}"),
     params:
         reference=config["student"]["reference"],
@@ -59,6 +61,7 @@ rule validate_student:
     """Held-out energy/force/stress errors, speed ratio and an MD comparison against the reference."""
     input:
         model=f"results/student/student_r{student_final_round()}.model",
+        sha256=f"results/student/student_r{student_final_round()}.model.sha256",
         split=f"results/student/split_r{student_final_round()}",
     output:
         validation="results/student/validation.json",

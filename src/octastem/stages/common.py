@@ -33,11 +33,13 @@ def run_context(smk) -> dict:
 
 @contextlib.contextmanager
 def logged(path: str | os.PathLike | None, smk=None):
-    """Send logging, warnings and stderr (progress bars) of a stage to ``path``.
+    """Send logging, warnings and stderr (progress bars) of a stage to ``path``; SIGTERM ends the stage
+    as an exception would (:func:`octastem.io.exit_on_sigterm`), removing its temporary files.
 
     With the ``snakemake`` object ``smk``, every provenance record written by the stage also
     carries the job's rule, params, config hash and input checksums (:data:`io.RUN_CONTEXT`).
     """
+    io.exit_on_sigterm()  # a SIGTERM (SLURM time limit) unwinds the stage: its temporary outputs go
     if smk is not None:
         io.RUN_CONTEXT.clear()
         io.RUN_CONTEXT.update(run_context(smk))

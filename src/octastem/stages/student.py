@@ -1,14 +1,75 @@
-"""Stages of the student rules: ``student_data``, ``train_student``, ``validate_student``."""
+"""Stages of the student rules: ``student_data``, ``train_student``, ``validate_student``.
+
+A model file is a pickle, and unpickling runs code from it. The round models these rules train
+(``results/student/student_r<k>.model``) are therefore written with a sha256 record beside them
+(``<model>.sha256``, ``sha256sum`` format), and a round model is handed on to the next rule only
+when its bytes match that record; every other model file (``student.reference`` given as a path)
+must match a record of :func:`octastem.md.mlp.recorded_model_sha256`. ``student.trust_model_file``
+(default false) lets a file matching no record be unpickled anyway.
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 from pathlib import Path
 
 from octastem import io
+from octastem.io import InputError
 
 log = logging.getLogger("octastem")
+
+#: The config key that lets a model file matching no record be unpickled.
+TRUST_KEY = "student.trust_model_file"
+
+
+def sha256_record(model: str | os.PathLike) -> Path:
+    """The sha256 record written beside a round model: ``<model>.sha256``."""
+    model = Path(model)
+    return model.with_name(model.name + ".sha256")
+
+
+def write_sha256_record(model: str | os.PathLike) -> Path:
+    """Write ``<model>.sha256`` (``sha256sum`` format: hex digest, two spaces, file name); return its path."""
+    model = Path(model)
+    record = sha256_record(model)
+    io.write_text(record, f"{io.sha256_file(model)}  {model.name}\n")
+    return record
+
+
+def _recorded(path: Path, known: dict[str, str]) -> str | None:
+    """Where the sha256 of model file ``path`` is recorded (its own ``.sha256`` record, the registry,
+    resources/student/), or None."""
+    sha = io.sha256_file(path)
+    record = sha256_record(path)
+    if record.is_file():
+        fields = record.read_text().split()
+        if fields and fields[0].lower() == sha:
+            return str(record)
+        log.warning("%s: sha256 %s differs from its record %s (%s)", path, sha, record, fields[:1])
+    return known.get(sha)
+
+
+def model_trust(paths, trust_model_file: bool) -> bool:
+    """Whether every model file in ``paths`` may be unpickled: each matches a sha256 record, or
+    ``trust_model_file`` is set. False leaves the check (and its error naming the file and
+    ``student.trust_model_file``) to the loader."""
+    if trust_model_file:
+        return True
+    from octastem.md.mlp import recorded_model_sha256
+
+    known = recorded_model_sha256()
+    for path in paths:
+        path = Path(path)
+        if not path.is_file():
+            raise InputError(f"{path}: model file not found")
+        where = _recorded(path, known)
+        if where is None:
+            log.info("%s: sha256 matches no record; %s is false, so it will not be unpickled", path, TRUST_KEY)
+            return False
+        log.info("%s: sha256 matches %s", path, where)
+    return True
 
 
 def student_data(
@@ -19,16 +80,16 @@ def student_data(
     ``reference``: a registry entry or a model file; ``sampling``: one round of ``student.rounds``
     (``runs``: list of :class:`~octastem.md.student.SampleRun` fields, other
     :class:`~octastem.md.student.SampleSettings` fields; its ``epochs`` belong to training);
-    ``driver``: a student model that drives the MD (frames then labelled by the reference);
-    ``trust_model_file``: unpickle model files whose sha256 is recorded nowhere.
+    ``driver``: a student model that drives the MD (frames then labelled by the reference), verified
+    by its ``.sha256`` record; ``trust_model_file``: unpickle model files whose sha256 is recorded nowhere.
     """
     from octastem.md.student import machine, sample_configurations, sample_settings
     from octastem.registry import resolve
 
     settings = sample_settings(**{k: v for k, v in sampling.items() if k != "epochs"})
-    summ = sample_configurations(
-        resolve(reference), data, settings, driver_path=driver, threads=threads, trust=trust_model_file
-    )
+    ref = resolve(reference)
+    trust = model_trust([ref] + ([driver] if driver else []), trust_model_file)
+    summ = sample_configurations(ref, data, settings, driver_path=driver, threads=threads, trust=trust)
     summ["machine"] = machine()
     io.write_json(summary, summ)
 
@@ -52,7 +113,9 @@ def train_student(
     """Split the labelled ``data`` file(s) into ``split/{train,valid,test}.xyz``, train, write ``model``.
 
     The student uses the reference's E0s; ``train``: :class:`~octastem.md.student.StudentSettings`
-    fields (the rest from ``student.train`` of the schema). The mace-torch working folder is
+    fields (the rest from ``student.train`` of the schema). ``model`` is written with its sha256
+    record ``<model>.sha256`` (:func:`write_sha256_record`), which the later rules check. The mace-torch
+    working folder is
     ``<model stem>_training`` next to ``model`` (checkpoints there let an interrupted training
     resume). ``warm_start``: the model file of the previous round; training then continues from
     that round's last checkpoint for ``epochs`` more epochs on the grown data set.
@@ -68,18 +131,22 @@ def train_student(
     model = Path(model)
     work = model.parent / (model.stem + "_training")
     settings = round_settings(StudentSettings(**train), work, model.stem, warm_start=warm_start, epochs=epochs)
+    ref = resolve(reference)
     trained = train_model(
         train_xyz,
         valid_xyz,
         work,
         settings,
-        e0s=model_e0s(resolve(reference), trust=trust_model_file),
+        e0s=model_e0s(ref, trust=model_trust([ref], trust_model_file)),
         name=model.stem,
         threads=threads,
         log_path=log_path,
     )
+    record = sha256_record(model)
+    record.unlink(missing_ok=True)  # a model and a stale record are never both in place
     with io.atomic_path(model) as tmp:
         shutil.copyfile(trained, tmp)
+    write_sha256_record(model)
 
 
 def validate_student(
@@ -106,7 +173,7 @@ def validate_student(
     ref = resolve(reference)
     test_xyz = Path(split) / "test.xyz"
     md_dir = Path(md_dir) if md_dir is not None else Path(validation).parent / "md_compare"
-    trust = trust_model_file
+    trust = model_trust([model, ref], trust_model_file)
     result = validate_model(model, ref, test_xyz, threads=threads, n_timing_calls=n_timing_calls, trust=trust)
     if md is not None:
         result["md"] = compare_md(model, ref, md_dir, threads=threads, trust=trust, **md)

@@ -216,7 +216,9 @@ def build_nanocrystal(
             positions.append(p + shift_tiles)
         sources = [frames[int(row[0])] for row in assign]
         info["tile_frames"] = assign.tolist()
-        info["tile_times_fs"] = [[float(frames[int(f)].info.get("time_fs", float("nan"))) for f in row] for row in assign]
+        info["tile_times_fs"] = [
+            [float(frames[int(f)].info.get("time_fs", float("nan"))) for f in row] for row in assign
+        ]
     lo_xyz = np.min([p.min(axis=0) for p in positions], axis=0)
     hi_xyz = np.max([p.max(axis=0) for p in positions], axis=0)
     box = hi_xyz - lo_xyz + 2.0 * vacuum_A

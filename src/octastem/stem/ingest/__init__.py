@@ -16,7 +16,9 @@ for "auto", from the extension (:func:`guess_format`):
   with a configured scan shape);
 - calibration: the calibration a file holds, in the internal names and units, merged with the
   configured fallback (:func:`resolve_calibration`);
-- stream: the chunked copy, counts to electrons, the data and dose checks, the output attributes.
+- stream: the chunked copy, counts to electrons, the data and dose checks, the output attributes;
+- align: the bright-field disc, descan and rotation measured from the data
+  (:mod:`octastem.stem.origin`) and the resampling plan of the copy.
 
 The data are read a few scan rows at a time, converted from detector counts to electrons
 (``counts / counts_per_electron``), checked (finite, non-negative) and written to a temporary
@@ -24,11 +26,22 @@ file that is renamed into place only when everything, including the dose check, 
 memory stays at about two chunks whatever the size of the dataset, and a failed ingest leaves
 no output behind.
 
+With ``origin`` set (the pipeline's default, ``samples.<name>.raw.origin: plane``), the patterns
+are put into the frame every detector and reconstruction assumes before anything else sees them:
+the disc centre is measured per scan position and fitted over the scan (descan), the rotation and
+flip of the detector against the scan are measured from the curl of the COM field (or, when
+configured, checked against the measurement), and every pattern is resampled with the disc at
+pixel (n // 2) and its axes along the scan axes (output ``scan_rotation_deg`` 0; what was
+measured and applied is recorded in the attributes, the provenance and the summary). The disc
+radius must agree with semiangle / k-sampling, and the disc must lie whole on the detector.
+Without ``origin`` (None or "off") the patterns are copied as stored.
+
 Calibration comes from the file where it holds one (HDF5 attributes in the internal naming, EMD
 dimension vectors, rosettasciio axes and metadata), otherwise from the ``calibration`` mapping:
 ``energy_eV``, ``semiangle_mrad``, ``scan_step_A`` (or ``scan_step_x_A`` and ``scan_step_y_A``),
 ``k_sampling_mrad`` (or ``k_sampling_x_mrad`` and ``k_sampling_y_mrad``) and
-``scan_rotation_deg``; optional ``scan_shape`` (scan_y, scan_x) for 3D frame stacks. A frame stack
+``scan_rotation_deg`` (None or left out: measured from the data); optional ``scan_shape`` (scan_y,
+scan_x) for 3D frame stacks. A frame stack
 fills the scan row by row and must hold exactly scan_y x scan_x frames; a scan shape the file
 records itself (4D arrays, Merlin rows, ARINA scan metadata) must agree with the configured one.
 """
@@ -46,6 +59,7 @@ import numpy as np
 
 from octastem.io import InputError, atomic_path
 
+from .align import measure_alignment
 from .calibration import REQUIRED_CALIBRATION, resolve_calibration
 from .emd import is_emd, open_emd
 from .hdf5 import open_hdf5
@@ -149,6 +163,7 @@ def ingest(
     chunk_positions: int | None = None,
     progress: bool = True,
     compression: str | None = "gzip",
+    origin: str | None = None,
 ) -> dict:
     """Stream the raw 4D-STEM file ``path`` into the internal HDF5 file ``output``; return a summary.
 
@@ -159,9 +174,12 @@ def ingest(
     (positions * step_x * step_y), must agree within ``dose_rtol`` (relative) or the ingest fails.
     ``chunk_positions``: scan positions per chunk (rounded to whole scan rows); default about
     64 MiB of float32. ``compression``: HDF5 filter of the output ("gzip" level 1, or None).
+    ``origin``: the descan fit ("plane", "parabola", "constant"; see the module docstring), or
+    None / "off" to copy the patterns as stored.
 
     The summary holds the shape, the measured and configured dose, the calibration with the origin
-    of each field ("file" or "config"), bytes read, seconds and MB/s.
+    of each field ("file", "config" or "measured"), the alignment (disc, descan, rotation), bytes
+    read, seconds and MB/s.
     """
     path = Path(path)
     output = Path(output)
@@ -173,16 +191,27 @@ def ingest(
         ny, nx, nky, nkx = src.shape
         cal, cal_origin = resolve_calibration(path, src.calibration, config)
         rows = chunk_rows(path, src.shape, chunk_positions)
+        plan, alignment = None, None
+        if origin not in (None, "off"):
+            plan, alignment = measure_alignment(path, src, rows, cal, cal_origin, origin, counts_per_electron, progress)
+            cal.update(alignment["calibration"])
+        elif cal["scan_rotation_deg"] is None:
+            raise InputError(
+                f"{path}: calibration field 'scan_rotation_deg' is unset (to be measured from the data), but "
+                f"origin = {origin!r} skips the measurement; set scan_rotation_deg or origin: plane"
+            )
+        mky, mkx = plan.shape if plan is not None else (nky, nkx)
         with atomic_path(output) as tmp, h5py.File(tmp, "w") as f:
             ds = f.create_dataset(
                 "data",
-                shape=(ny, nx, nky, nkx),
+                shape=(ny, nx, mky, mkx),
                 dtype=np.float32,
-                chunks=(1, nx, nky, nkx),
+                chunks=(1, nx, mky, mkx),
                 compression=compression,
                 compression_opts=1 if compression == "gzip" else None,
             )
-            total, nbytes = copy_rows(path, src, ds, rows, counts_per_electron, progress)
+            transform = None if plan is None else plan.resample
+            total, nbytes = copy_rows(path, src, ds, rows, counts_per_electron, progress, transform)
             n_pos = ny * nx
             measured = measured_dose(path, total, n_pos, cal, dose_e_per_A2, dose_rtol, counts_per_electron)
             attrs = output_attrs(
@@ -196,6 +225,7 @@ def ingest(
                 dose_e_per_A2=dose_e_per_A2,
                 counts_per_electron=counts_per_electron,
                 dose_rtol=dose_rtol,
+                alignment=alignment,
             )
             for k, v in attrs.items():
                 ds.attrs[k] = v
@@ -205,7 +235,8 @@ def ingest(
         "source": str(path),
         "output": str(output),
         "format": src.fmt,
-        "shape": [ny, nx, nky, nkx],
+        "shape": [ny, nx, mky, mkx],
+        "shape_raw": [ny, nx, nky, nkx],
         "dtype_in": str(src.dtype),
         "n_positions": n_pos,
         "total_electrons": total,
@@ -215,6 +246,7 @@ def ingest(
         "calibration": cal,
         "calibration_origin": cal_origin,
         "reader_notes": src.notes,
+        "alignment": None if alignment is None else alignment["record"],
         "chunk_rows": rows,
         "bytes_read": nbytes,
         "seconds": seconds,

@@ -21,13 +21,27 @@ from octastem.io import InputError
 from octastem.units import electron_wavelength_A
 
 #: Calibration fields every ingested dataset needs, from the file or from the configuration.
-REQUIRED_CALIBRATION = ("energy_eV", "semiangle_mrad", "scan_step_A", "k_sampling_mrad", "scan_rotation_deg")
+REQUIRED_CALIBRATION = ("energy_eV", "semiangle_mrad", "scan_step_A", "k_sampling_mrad")
+#: Fields measured from the data where neither the file nor the configuration gives them.
+MEASURED_CALIBRATION = ("scan_rotation_deg",)
+#: Every scalar calibration field read from a file or the configuration.
+CALIBRATION_FIELDS = REQUIRED_CALIBRATION + MEASURED_CALIBRATION
 
 #: Per-axis fields and the scalar each pair defines (their mean).
 AXIS_PAIRS = {
     "scan_step_A": ("scan_step_x_A", "scan_step_y_A"),
     "k_sampling_mrad": ("k_sampling_x_mrad", "k_sampling_y_mrad"),
 }
+
+#: Plausible range (low, high) of a calibration field in its internal unit, and the unit slips
+#: (name of the unit typed instead, factor to the internal unit) that explain a value outside it:
+#: 10-1,000 keV beams (the simulation side needs >= 10 keV), 1-100 mrad probes, 0.01-10 A steps.
+PLAUSIBLE = {
+    "energy_eV": (1e4, 1e6, "eV (10-1,000 keV)", (("kV or keV", 1e3), ("MV or MeV", 1e6), ("meV", 1e-3))),
+    "semiangle_mrad": (1.0, 100.0, "mrad", (("rad", 1e3), ("urad", 1e-3))),
+    "scan_step_A": (0.01, 10.0, "A", (("nm", 10.0), ("pm", 0.01), ("um", 1e4), ("m", 1e10))),
+}
+PLAUSIBLE["scan_step_x_A"] = PLAUSIBLE["scan_step_y_A"] = PLAUSIBLE["scan_step_A"]
 
 _LENGTH_TO_A = {
     "m": 1e10,
@@ -47,7 +61,7 @@ _RECIPROCAL_TO_INV_A = {"1/m": 1e-10, "1/nm": 0.1, "1/a": 1.0, "1/å": 1.0, "1/a
 
 def hdf5_attrs_calibration(attrs: Mapping) -> dict:
     """Calibration stored as attributes with the internal names (an internal or similar file)."""
-    keys = REQUIRED_CALIBRATION + tuple(k for pair in AXIS_PAIRS.values() for k in pair)
+    keys = CALIBRATION_FIELDS + tuple(k for pair in AXIS_PAIRS.values() for k in pair)
     out = {}
     for k in keys:
         if k in attrs:
@@ -104,12 +118,14 @@ def resolve_calibration(path: Path, from_file: Mapping, config: Mapping) -> tupl
     """Merge calibration from the file (preferred) and the configuration; returns (values, origin per field).
 
     Per-axis fields (``scan_step_x_A`` / ``_y_A``, ``k_sampling_x_mrad`` / ``_y_mrad``) fill the
-    scalar ones with their mean. Raises :class:`InputError` naming the first missing or invalid field.
+    scalar ones with their mean. A field of :data:`MEASURED_CALIBRATION` that neither gives is None
+    (origin "measured": the ingest measures it from the data). Raises :class:`InputError` naming the
+    first missing, invalid or implausible (:func:`check_plausible`) field.
     """
     sources = (("file", _complete(from_file)), ("config", _complete(config)))
     values: dict[str, Any] = {}
     origin: dict[str, str] = {}
-    keys = REQUIRED_CALIBRATION + tuple(k for pair in AXIS_PAIRS.values() for k in pair)
+    keys = CALIBRATION_FIELDS + tuple(k for pair in AXIS_PAIRS.values() for k in pair)
     for key in keys:
         for where, src in sources:
             if key in src:
@@ -127,7 +143,8 @@ def resolve_calibration(path: Path, from_file: Mapping, config: Mapping) -> tupl
                 f"{path}: calibration field '{key}' is missing: the file does not hold it, so it must be "
                 "set in the configuration"
             )
-    out = {}
+    out: dict[str, Any] = {key: None for key in MEASURED_CALIBRATION if key not in values}
+    origin.update({key: "measured" for key in out})
     for key, value in values.items():
         try:
             v = float(value)
@@ -141,4 +158,27 @@ def resolve_calibration(path: Path, from_file: Mapping, config: Mapping) -> tupl
                 f"{path}: calibration field '{key}' must be a positive finite number, got {value!r} ({origin[key]})"
             )
         out[key] = v
+    for key, v in out.items():
+        if v is not None:
+            check_plausible(path, key, v, origin[key])
     return out, origin
+
+
+def check_plausible(path: Path, key: str, value: float, where: str = "config") -> None:
+    """Raise :class:`InputError` when calibration field ``key`` lies outside :data:`PLAUSIBLE`,
+    naming the field, the value, the expected range and the unit slip that explains it."""
+    if key not in PLAUSIBLE:
+        return
+    low, high, unit, slips = PLAUSIBLE[key]
+    if low <= value <= high:
+        return
+    centre = math.sqrt(low * high)
+    fits = [(abs(math.log(value * f / centre)), name, value * f) for name, f in slips if low <= value * f <= high]
+    hint = ""
+    if fits:
+        _, name, fixed = min(fits)
+        hint = f": it looks like a value in {name} typed as {unit.split()[0]} (did you mean {fixed:g}?)"
+    raise InputError(
+        f"{path}: calibration field '{key}' = {value:g} ({where}) is implausible; expected {low:g} to {high:g} "
+        f"{unit}{hint}"
+    )

@@ -21,7 +21,6 @@ from .source import Source
 DEFAULT_CHUNK_BYTES = 64 * 2**20
 
 
-
 def read_rows(path, src, r0: int, r1: int) -> np.ndarray:
     """Scan rows r0..r1 of ``src`` as stored; a read failure is an InputError naming the file and rows."""
     try:
@@ -33,6 +32,7 @@ def read_rows(path, src, r0: int, r1: int) -> np.ndarray:
             f"{path}: field 'data': reading scan rows {r0}..{r1 - 1} failed, file truncated or "
             f"corrupt? ({type(e).__name__}: {e})"
         ) from e
+
 
 def check_settings(path: Path, output: Path, counts_per_electron: float, dose_e_per_A2, dose_rtol: float) -> None:
     """Raise :class:`InputError` for a bad conversion, dose or tolerance, or an output that is the input."""
@@ -85,8 +85,24 @@ def check_chunk(path: Path, chunk: np.ndarray, r0: int) -> float:
     return total
 
 
-def copy_rows(path: Path, src: Source, ds, rows: int, counts_per_electron: float, progress: bool) -> tuple[float, int]:
-    """Copy the scan into the output dataset ``ds``, ``rows`` rows at a time; returns (electrons, bytes read)."""
+def read_electrons(path: Path, src: Source, r0: int, r1: int, counts_per_electron: float) -> np.ndarray:
+    """Scan rows r0..r1 in electrons (float32), checked finite and non-negative."""
+    raw = read_rows(path, src, r0, r1)
+    chunk = raw.astype(np.float32, copy=not raw.flags.writeable or raw.dtype != np.float32)
+    del raw
+    if counts_per_electron != 1.0:
+        chunk /= np.float32(counts_per_electron)
+    check_chunk(path, chunk, r0)
+    return chunk
+
+
+def copy_rows(
+    path: Path, src: Source, ds, rows: int, counts_per_electron: float, progress: bool, transform=None
+) -> tuple[float, int]:
+    """Copy the scan into the output dataset ``ds``, ``rows`` rows at a time; returns (electrons, bytes read).
+
+    ``transform(chunk, r0)``: applied to each chunk (in electrons) before it is written (the
+    resampling of :class:`octastem.stem.origin.Alignment`); the electrons counted are those read."""
     from tqdm.auto import tqdm
 
     ny = src.shape[0]
@@ -103,6 +119,8 @@ def copy_rows(path: Path, src: Source, ds, rows: int, counts_per_electron: float
             if counts_per_electron != 1.0:
                 chunk /= np.float32(counts_per_electron)
             total += check_chunk(path, chunk, r0)
+            if transform is not None:
+                chunk = transform(chunk, r0)
             ds[r0:r1] = chunk
             del chunk
             bar.update(r1 - r0)
@@ -141,8 +159,10 @@ def output_attrs(
     dose_e_per_A2,
     counts_per_electron: float,
     dose_rtol: float,
+    alignment: dict | None = None,
 ) -> dict:
-    """Attributes of the ingested file: the calibration, the scan and the record of the ingest."""
+    """Attributes of the ingested file: the calibration, the scan and the record of the ingest
+    (with ``alignment``, the record of :func:`octastem.stem.ingest.align.measure_alignment`)."""
     ny, nx = src.shape[:2]
     attrs = {
         "energy_eV": cal["energy_eV"],
@@ -163,6 +183,8 @@ def output_attrs(
         "intensity_unit": "counts",
         "format": src.fmt,
     }
+    if alignment is not None:
+        attrs.update(alignment["attrs"])
     attrs["provenance"] = provenance(
         stage="ingest",
         source=str(path),
@@ -172,5 +194,6 @@ def output_attrs(
         reader_notes=src.notes,
         counts_per_electron=float(counts_per_electron),
         dose_rtol=float(dose_rtol),
+        alignment=None if alignment is None else alignment["record"],
     )
     return attrs
