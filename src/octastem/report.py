@@ -358,9 +358,15 @@ def specimen_text(stem: dict, structure: dict) -> str:
     reps = structure["reps"]
     if stem.get("specimen", "periodic") == "nanocrystal":
         nc = stem["nanocrystal"]
+        tiles = (
+            "every tile (copy of the MD cell) of every frozen-phonon configuration from another MD frame of the "
+            "analysis window"
+            if nc.get("tiles", "distinct") == "distinct"
+            else "each frozen-phonon configuration one MD frame tiled"
+        )
         return (
-            f"a finite FAPbBr3 nanocrystal, a cube of edge {nc['edge_A'] / 10:g} nm (whole pseudo-cubic cells) "
-            f"cut from each MD frame (whole FA molecules) with {nc['vacuum_A']:g} A of vacuum around it, [001] "
+            f"a finite FAPbBr3 nanocrystal, a cube of edge {nc['edge_A'] / 10:g} nm (whole pseudo-cubic cells), "
+            f"{tiles} (whole FA molecules), with {nc['vacuum_A']:g} A of vacuum around it, [001] "
             f"along the beam; the central {nc['scan_cells']:g} x {nc['scan_cells']:g} MD cells scanned, Poisson "
             f"noise at the stated dose per acquisition, then template-matching averaged onto one "
             f"{reps[0]}x{reps[1]} MD cell like measured data."
