@@ -1,7 +1,8 @@
 """The alignment of a raw scan, measured in passes over the source before the copy: the bright-field
 disc of the mean pattern, the per-position disc centres and their fitted surface (descan), the
-rotation and flip of the detector from the curl of the COM field, and the output window
-(:mod:`octastem.stem.origin` holds the science; this module streams the source through it)."""
+disc's edge profile about the fitted centres, the rotation and flip of the detector from the curl
+of the COM field, and the output window (:mod:`octastem.stem.origin` holds the science; this
+module streams the source through it)."""
 
 from __future__ import annotations
 
@@ -21,8 +22,11 @@ from ..origin import (
     ROTATION_WARN_DEG,
     Alignment,
     angle_difference_deg,
+    bins_for_edge,
     check_radius,
     disc_com,
+    disc_edge,
+    edge_sums,
     find_disc,
     fit_origin,
     measure_rotation,
@@ -63,6 +67,17 @@ def _disc_centres(path, src, rows, cpe, centres, radius, bar):
     return com, inside, totals
 
 
+def _edge(path, src, rows, cpe, fitted, radius_px, k_sampling, bar):
+    bins = bins_for_edge(radius_px, k_sampling)
+    sums, counts = np.zeros(len(bins) - 1), np.zeros(len(bins) - 1)
+    for r0, r1 in _rows(src.shape[0], rows):
+        s, c = edge_sums(read_electrons(path, src, r0, r1, cpe), fitted[r0:r1], k_sampling, bins)
+        sums += s
+        counts += c
+        bar.update(r1 - r0)
+    return disc_edge(sums, counts, bins, radius_px, math.sqrt(k_sampling[0] * k_sampling[1]))
+
+
 def _cut_message(path: Path, disc, shape, what: str) -> str:
     cy, cx = disc.centre_px
     r = disc.radius_px
@@ -96,7 +111,7 @@ def measure_alignment(
 
     ny, nx, nky, nkx = src.shape
     dkx, dky = float(cal["k_sampling_x_mrad"]), float(cal["k_sampling_y_mrad"])
-    bar = tqdm(total=2 * ny, desc=f"origin {path.name}", unit="row", disable=not progress)
+    bar = tqdm(total=3 * ny, desc=f"origin {path.name}", unit="row", disable=not progress)
     try:
         mean = _mean_pattern(path, src, rows, cpe, bar)
         disc = find_disc(mean)
@@ -120,11 +135,13 @@ def measure_alignment(
             bar.total += ny
             com, inside, totals = _disc_centres(path, src, rows, cpe, fitted, radius, bar)
             fitted, summary = fit_origin(com, inside, fit)
+        # the disc's edge in its own frame (one more pass): the resampling keeps it as sharp as this
+        edge = _edge(path, src, rows, cpe, fitted, disc.radius_px, (dkx, dky), bar)
     finally:
         bar.close()
     rotation = _rotation(path, cal, cal_origin, com, fitted, inside, totals, (dkx, dky))
     try:
-        plan = Alignment.fit_window(fitted, rotation["applied_deg"], rotation["flip"], (dkx, dky), (nky, nkx))
+        plan = Alignment.fit_window(fitted, rotation["applied_deg"], rotation["flip"], (dkx, dky), (nky, nkx), edge)
     except InputError as e:
         raise InputError(_cut_message(path, disc, (nky, nkx), f" over the scan ({e})")) from e
     if plan.reach_px() * plan.dk < disc.radius_px * math.sqrt(dkx * dky):
@@ -135,6 +152,7 @@ def measure_alignment(
         "disc_radius_mrad": disc.radius_px * math.sqrt(dkx * dky),
         "radius_rtol": RADIUS_RTOL,
         "descan": summary,
+        "disc_edge": edge.as_dict(),
         "rotation": rotation,
         "detector_shape_raw": [nky, nkx],
         "output_shape": list(plan.shape),
