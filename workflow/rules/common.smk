@@ -338,7 +338,7 @@ def split_sample_method(name):
     so the name is matched against the configured methods, longest first."""
     for method in sorted(METHODS, key=len, reverse=True):
         sample = name[: -len(method) - 1]
-        if name.endswith("_" + method) and sample in ALL_SAMPLES:
+        if name.endswith(f"_{method}") and sample in ALL_SAMPLES:
             return sample, method
     raise ValueError(f"fit name {name!r} is not <sample>_<method> for samples {ALL_SAMPLES} and methods {METHODS}")
 
