@@ -337,8 +337,9 @@ SENSITIVITY = {
 
 def _frame_images(frames, sampling_A: float) -> dict:
     """Per-frame projected potentials along x, y, z (float32), on each axis' common in-plane cell."""
-    from octastem.potential import projected_potential
+    from octastem.potential import common_frames, projected_potential
 
+    frames, _ = common_frames(frames)  # every frame on the mean cell, so the images share one grid
     out = {}
     for axis in ("x", "y", "z"):
         imgs = []
@@ -370,16 +371,20 @@ def _pooled(images: dict, idx, reps: int, blur_A: float, engine: str, window_A) 
     return {"median": med, "se": se, "n": int(v.size), "per_axis": per_axis}
 
 
-def sensitivity(workdir: Path, output: Path, names=None, analysis_fs: float = ANALYSIS_FS) -> dict:
+def sensitivity(
+    workdir: Path, output: Path, names=None, analysis_fs: float = ANALYSIS_FS, skip=(), keep: bool = False
+) -> dict:
     """How the pooled MD Br ellipticity moves with each analysis choice (:data:`SENSITIVITY`), per run;
-    asymptotic SE over the pooled columns (time correlation not included: a lower bound)."""
+    asymptotic SE over the pooled columns (time correlation not included: a lower bound). ``skip``:
+    choices left out (the joint engine costs minutes per image); ``keep``: the runs already in
+    ``output`` stay (the file grows run by run)."""
     names = [n for n in (names or list(RUNS) + ["student_r2"]) if (workdir / f"{n}.h5").exists()]
     doc = {
         "choices": {
             k: dict(zip(("pixel_A", "blur_A", "engine", "window_a", "window_fs"), v)) for k, v in SENSITIVITY.items()
         }
     }
-    rows = {}
+    rows = json.loads(output.read_text()).get("runs", {}) if keep and output.exists() else {}
     for name in names:
         spec = RUNS.get(name) or EXTRA_RUNS[name]
         reps = spec["reps"]
@@ -390,6 +395,8 @@ def sensitivity(workdir: Path, output: Path, names=None, analysis_fs: float = AN
         cache = {}
         rows[name] = {}
         for label, (pixel, blur, engine, window_a, window_fs) in SENSITIVITY.items():
+            if label in skip:
+                continue
             if pixel not in cache:
                 cache[pixel] = _frame_images(frames, pixel)
             idx = np.arange(len(frames)) if window_fs is None else np.flatnonzero(times >= t_end - window_fs + 1e-6)
@@ -443,13 +450,16 @@ def main(argv=None) -> int:
     v.add_argument("--workdir", type=Path, default=WORKDIR)
     v.add_argument("--output", type=Path, default=SENSITIVITY_RESULT)
     v.add_argument("--runs", default=None, help="comma-separated run names (default: all finished runs)")
+    v.add_argument("--skip", default="", help="comma-separated choices to leave out, e.g. 'joint engine'")
+    v.add_argument("--keep", action="store_true", help="keep the runs already in the output file")
     s = sub.add_parser("smoke", help="every step on 20 MD steps (a test)")
     s.add_argument("--output", type=Path, default=None)
     args = p.parse_args(argv)
     if args.cmd == "run":
         print(json.dumps(run(args.name, args.workdir, args.threads)))
     elif args.cmd == "sensitivity":
-        sensitivity(args.workdir, args.output, args.runs.split(",") if args.runs else None)
+        skip = [x for x in args.skip.split(",") if x]
+        sensitivity(args.workdir, args.output, args.runs.split(",") if args.runs else None, skip=skip, keep=args.keep)
     elif args.cmd == "analyse":
         doc = analyse(args.workdir, args.output, args.replicates, ANALYSIS_FS)
         for c in doc["comparisons"]:

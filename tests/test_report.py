@@ -265,3 +265,23 @@ def test_like_for_like_rows_and_the_comparisons_that_decide(tmp_path):
     assert "| comparison | a | b | a - b | combined SE | z | exceeds 2 SE |" in md
     assert "MD pristine through the chain (noise free): beside low, high: the same simulated specimen" in md
     assert "Br columns behind each value: Low 32, High 32, Measured 40" in md
+
+
+def test_md_sensitivity_table_in_the_report(tmp_path):
+    from octastem.report import sensitivity_lines
+
+    doc = {
+        "runs": {
+            "reference": {"pipeline": {"median": 1.457, "se": 0.050}, "blur 0.15 A": {"median": 1.328, "se": 0.038}},
+            "student": {"pipeline": {"median": 1.359, "se": 0.059}},
+        }
+    }
+    path = tmp_path / "md_sensitivity.json"
+    path.write_text(json.dumps(doc))
+    lines = sensitivity_lines(path)
+    assert "| analysis choice | reference | student |" in lines
+    assert "| pipeline | 1.457 ± 0.050 | 1.359 ± 0.059 |" in lines
+    assert "| blur 0.15 A | 1.328 ± 0.038 |  |" in lines
+    path.write_text("{}")
+    with pytest.raises(InputError, match="md_sensitivity.json: unreadable MD sensitivity table"):
+        sensitivity_lines(path)

@@ -293,7 +293,12 @@ def comparison_table(cmp: pd.DataFrame) -> list[str]:
 
 
 def table1_markdown(
-    df: pd.DataFrame, notes: list[str], cmp: list[str] = (), conv: list[str] = (), cmp_table: list[str] = ()
+    df: pd.DataFrame,
+    notes: list[str],
+    cmp: list[str] = (),
+    conv: list[str] = (),
+    cmp_table: list[str] = (),
+    sens: list[str] = (),
 ) -> str:
     header = "| | " + " | ".join(df["label"]) + " |"
     sep = "|---|" + "---|" * len(df)
@@ -321,6 +326,8 @@ def table1_markdown(
         lines.append("")
     if conv:
         lines += ["## Convergence with the analysis window (MD)", "", *conv]
+    if sens:
+        lines += ["## The MD value against the analysis choices", "", *sens]
     lines += ["## Notes", ""]
     lines += [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
@@ -596,6 +603,32 @@ def noise_text(r) -> str:
     return f"Shown: {HEADLINES['measured']}, noise bias not removed{alone}."
 
 
+def sensitivity_lines(path) -> list[str]:
+    """The MD value against each analysis choice (``benchmarks/results/md_sensitivity.json`` of
+    benchmarks/md_observable.py) as a Markdown table: one column per MD run, pooled median ± SE."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text())
+        runs = doc["runs"]
+    except (OSError, json.JSONDecodeError, KeyError) as e:
+        raise InputError(
+            f"{path}: unreadable MD sensitivity table ({e}); expected benchmarks/md_observable.py output"
+        ) from e
+    names = list(runs)
+    choices = list(next(iter(runs.values())))
+    lines = [
+        f"From `{'/'.join(path.parts[-3:])}`: the pooled Br ellipticity of the time-averaged potential (x, y, z) "
+        "when one analysis choice changes; asymptotic SE over the pooled columns (time correlation not included).",
+        "",
+        "| analysis choice | " + " | ".join(names) + " |",
+        "|---|" + "---|" * len(names),
+    ]
+    for c in choices:
+        cells = [cell_text(runs[n][c]["median"], runs[n][c]["se"]) if c in runs[n] else "" for n in names]
+        lines.append(f"| {c} | " + " | ".join(cells) + " |")
+    return lines + [""]
+
+
 def provenance_lines(record: dict) -> list[str]:
     """Plain-language provenance of the report: config hash, seeds, versions, input checksums."""
     run = record.get("run", {})
@@ -634,6 +667,7 @@ def write_table1(
     like=None,
     like_fits=None,
     stems=None,
+    sensitivity_table=None,
 ) -> pd.DataFrame:
     """Table 1 as CSV, Markdown (with comparisons, per-projection values, convergence, notes and
     provenance), HTML; ``provenance_json`` gets the full record, ``comparisons_csv`` the table of
@@ -641,7 +675,8 @@ def write_table1(
     the known-truth suite's ``suite.csv`` whose nearest case states each 4D-STEM column's method bias
     (:func:`method_check_notes`; ``thickness``: specimen thickness per sample, A); ``like`` (sample ->
     like-for-like dataset) and ``like_fits`` (dataset -> fit summary): the rows of :func:`like_rows`;
-    ``stems``: sample -> its reconstructed dataset, whose averaging the method check matches."""
+    ``stems``: sample -> its reconstructed dataset, whose averaging the method check matches;
+    ``sensitivity_table``: :func:`sensitivity_lines` of that file follow the convergence tables."""
     df = build_table1(columns, fit_paths, samples, method, headline)
     if like_fits:
         df = pd.concat([df, like_rows(df, like or {}, like_fits, samples, method, headline)], ignore_index=True)
@@ -652,6 +687,7 @@ def write_table1(
     cmp = comparisons(df, columns, samples, systems)
     cmp_text = comparison_lines(cmp)
     conv = convergence_lines(df, fit_paths)
+    sens = sensitivity_lines(sensitivity_table) if sensitivity_table is not None else []
     for note in few_columns_notes(df):
         log.warning("%s", note)
     record = json.loads(io.provenance(seeds=seeds or {}))
@@ -661,7 +697,7 @@ def write_table1(
         df.to_csv(tmp, index=False)
     io.write_text(
         md_path,
-        table1_markdown(df, notes, cmp_text, conv, comparison_table(cmp))
+        table1_markdown(df, notes, cmp_text, conv, comparison_table(cmp), sens)
         + "\n## Provenance\n\n"
         + "".join(f"- {x}\n" for x in prov),
     )

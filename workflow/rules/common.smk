@@ -234,6 +234,12 @@ def suite_table_input():
     return [path] if path else []
 
 
+def md_sensitivity_input():
+    """md.sensitivity_table resolved like the CNN weights, as an input of the report; none when null."""
+    table = config["md"].get("sensitivity_table")
+    return [local_path(table)] if table else []
+
+
 def average_cell_shape(sample):
     """Output positions per averaged (super)cell: from the config for raw data; null for a simulated
     nanocrystal scan, whose recorded positions per MD cell are used (equal contributions per position)."""

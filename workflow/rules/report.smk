@@ -8,6 +8,8 @@ rule table1:
         stem=expand("results/stem/{sample}.h5", sample=SAMPLES),
         # the known-truth suite's table (reconstruct.suite_table), from which the report states the method bias
         suite=suite_table_input(),
+        # the MD value against each analysis choice (md.sensitivity_table), shown as a table
+        sensitivity=md_sensitivity_input(),
     output:
         csv=report(
             "results/report/table1.csv",

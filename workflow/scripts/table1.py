@@ -11,6 +11,7 @@ with stages.logged(snakemake.log[0], snakemake):
         comparisons_csv=snakemake.output.comparisons,
         # the known-truth suite's table when there is one: the report states the method bias from it
         suite_table=snakemake.input.suite[0] if snakemake.input.suite else None,
+        sensitivity_table=snakemake.input.sensitivity[0] if snakemake.input.sensitivity else None,
         # each sample's reconstructed dataset (in the order of samples), whose averaging the method check matches
         stems=dict(zip(snakemake.params.samples, snakemake.input.stem)),
         **dict(snakemake.params.items()),
