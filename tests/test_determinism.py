@@ -90,6 +90,7 @@ def test_plot_script_edit_reruns_only_the_report(reference, tmp_path, run_snakem
     tiny = yaml.safe_load((REPO / "tests/configs/tiny.yaml").read_text())
     schema = yaml.safe_load((REPO / "config/schema.yaml").read_text())
     axes = tiny.get("potential", {}).get("axes", schema["properties"]["potential"]["properties"]["axes"]["default"])
-    # one figure per sample and method, one per MD system and projection axis
-    n_figures = len(tiny["samples"]) * len(tiny["reconstruct"]["methods"]) + len(tiny["systems"]) * len(axes)
+    # one figure per sample and method, one per MD system and projection axis, and the noise-free twin
+    # of the simulated samples by the Table's method
+    n_figures = len(tiny["samples"]) * len(tiny["reconstruct"]["methods"]) + len(tiny["systems"]) * len(axes) + 1
     assert jobs["figure"] == n_figures

@@ -182,7 +182,8 @@ def test_nanocrystal_samples_are_averaged_like_measured_data(tiny_run, run_snake
         reconstruct={"methods": ["icom"], "table_method": "icom", "sampling_A": 0.1},
     )
     jobs = planned_jobs(run_snakemake(tiny_run, "-n", configfile=cfg))
-    assert jobs["simulate_nanocrystal"] == 1 and jobs["dose_nanocrystal"] == 2 and jobs["average"] == 2
+    # two noisy samples and their noise-free twin (the same scan, template-averaged without noise)
+    assert jobs["simulate_nanocrystal"] == 1 and jobs["dose_nanocrystal"] == 2 and jobs["average"] == 3
     assert not {"md", "simulate_4dstem", "dose"} & set(jobs)
     run_snakemake(tiny_run, configfile=cfg)
 
@@ -210,6 +211,10 @@ def test_nanocrystal_samples_are_averaged_like_measured_data(tiny_run, run_snake
     assert len(stem_rows) == 2 and stem_rows["simulated"].all()
     assert stem_rows["median_ellipticity"].between(1.0, 3.0).all() and stem_rows["se_median"].notna().all()
     assert "nanocrystal" in (tiny_run / "results/report/table1.md").read_text()
+    twin = table[table["source"] == "MD through the chain"]
+    assert twin["dataset"].tolist() == ["noisefree-pristine"] and twin["median_ellipticity"].between(1.0, 3.0).all()
+    clean = json.loads((tiny_run / "results/stem/averaged/noisefree-pristine.json").read_text())
+    assert clean["cell_shape"] == [30, 30] and clean["supercell"] == [2, 2]
 
 
 # ----------------------------------------------------------------------------------------------
