@@ -285,3 +285,30 @@ def test_md_sensitivity_table_in_the_report(tmp_path):
     path.write_text("{}")
     with pytest.raises(InputError, match="md_sensitivity.json: unreadable MD sensitivity table"):
         sensitivity_lines(path)
+
+
+def test_alignment_measured_at_ingest_is_stated(tmp_path):
+    from octastem.report import alignment_notes
+
+    summary = tmp_path / "my_nc.json"
+    record = {
+        "fit": "plane",
+        "disc": {"centre_px": [111.8, 25.2], "radius_px": 24.6},
+        "disc_radius_mrad": 24.6,
+        "rotation": {"source": "measured", "applied_deg": 17.02, "measured_deg": 17.02, "flip": True},
+    }
+    summary.write_text(json.dumps({"alignment": record}))
+    off = tmp_path / "off.json"
+    off.write_text(json.dumps({"alignment": None}))
+    df = pd.DataFrame(
+        [
+            {"source": "4D-STEM", "dataset": "my_nc", "label": "Mine"},
+            {"source": "4D-STEM", "dataset": "raw_off", "label": "Off"},
+            {"source": "4D-STEM", "dataset": "simulated", "label": "Sim"},
+        ]
+    )
+    notes = alignment_notes(df, {"my_nc": summary, "raw_off": off})
+    assert len(notes) == 2
+    assert "(111.8, 25.2) px, radius 24.6 px" in notes[0] and "(plane)" in notes[0]
+    assert "scan rotation 17.02 deg applied (measured, measured 17.02 deg), flip yes" in notes[0]
+    assert "origin: off" in notes[1]

@@ -629,6 +629,37 @@ def sensitivity_lines(path) -> list[str]:
     return lines + [""]
 
 
+def alignment_notes(df: pd.DataFrame, ingest_summaries: dict) -> list[str]:
+    """For each measured 4D-STEM column: what ingest measured and removed (bright-field disc centre and
+    radius, descan, scan rotation and flip) from its summary JSON (``ingest_summaries``: sample -> path)."""
+    out = []
+    for _, r in df[df["source"] == "4D-STEM"].iterrows():
+        path = (ingest_summaries or {}).get(r["dataset"])
+        if path is None:
+            continue
+        rec = _load_summary(path).get("alignment")
+        if not rec:
+            out.append(f"{r['label']}: patterns taken as they are (samples.<name>.raw.origin: off).")
+            continue
+        disc, rot = rec.get("disc", {}), rec.get("rotation", {})
+        centre = disc.get("centre_px", [float("nan")] * 2)
+        radius_px, radius_mrad = disc.get("radius_px", float("nan")), rec.get("disc_radius_mrad", float("nan"))
+        text = (
+            f"{r['label']}: at ingest the bright-field disc was found at (k_y, k_x) = "
+            f"({centre[0]:.1f}, {centre[1]:.1f}) px, radius {radius_px:.1f} px ({radius_mrad:.1f} mrad), its centre "
+            f"fitted over the scan ({rec.get('fit', '?')}) and removed"
+        )
+        if rot:
+            measured = rot.get("measured_deg")
+            text += (
+                f"; scan rotation {rot.get('applied_deg', float('nan')):.2f} deg applied ({rot.get('source', '?')}"
+                + (f", measured {measured:.2f} deg" if measured is not None else "")
+                + f"), flip {'yes' if rot.get('flip') else 'no'}"
+            )
+        out.append(text + ".")
+    return out
+
+
 def provenance_lines(record: dict) -> list[str]:
     """Plain-language provenance of the report: config hash, seeds, versions, input checksums."""
     run = record.get("run", {})
@@ -668,6 +699,7 @@ def write_table1(
     like_fits=None,
     stems=None,
     sensitivity_table=None,
+    ingest_summaries=None,
 ) -> pd.DataFrame:
     """Table 1 as CSV, Markdown (with comparisons, per-projection values, convergence, notes and
     provenance), HTML; ``provenance_json`` gets the full record, ``comparisons_csv`` the table of
@@ -680,7 +712,7 @@ def write_table1(
     df = build_table1(columns, fit_paths, samples, method, headline)
     if like_fits:
         df = pd.concat([df, like_rows(df, like or {}, like_fits, samples, method, headline)], ignore_index=True)
-    notes = notes_for(df, md_summaries, md, stem, structure, systems)
+    notes = notes_for(df, md_summaries, md, stem, structure, systems) + alignment_notes(df, ingest_summaries or {})
     if suite_table is not None:
         averaging = {name: averaged_cells_of(path) for name, path in (stems or {}).items()}
         notes += method_check_notes(df, samples, stem, thickness or {}, suite_table, averaging)

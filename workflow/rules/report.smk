@@ -10,6 +10,8 @@ rule table1:
         suite=suite_table_input(),
         # the MD value against each analysis choice (md.sensitivity_table), shown as a table
         sensitivity=md_sensitivity_input(),
+        # what ingest measured of each measured dataset (disc, descan, scan rotation), stated in the notes
+        ingest=expand("results/stem/raw/{sample}.json", sample=RAW_SAMPLES),
     output:
         csv=report(
             "results/report/table1.csv",

@@ -12,6 +12,9 @@ with stages.logged(snakemake.log[0], snakemake):
         # the known-truth suite's table when there is one: the report states the method bias from it
         suite_table=snakemake.input.suite[0] if snakemake.input.suite else None,
         sensitivity_table=snakemake.input.sensitivity[0] if snakemake.input.sensitivity else None,
+        ingest_summaries=dict(
+            zip([s for s, v in snakemake.params.samples.items() if "raw" in v], snakemake.input.ingest)
+        ),
         # each sample's reconstructed dataset (in the order of samples), whose averaging the method check matches
         stems=dict(zip(snakemake.params.samples, snakemake.input.stem)),
         **dict(snakemake.params.items()),
