@@ -52,6 +52,16 @@ def md_frames(reps=(2, 2, 1), n=2, seed=0):
     return frames
 
 
+def write_trajectory(path, frames):
+    """The frames as an MD trajectory file (numbers, time_fs from the frames' info, positions, cell)."""
+    with h5py.File(path, "w") as f:
+        f["numbers"] = frames[0].numbers
+        f["time_fs"] = np.array([a.info["time_fs"] for a in frames])
+        f["positions"] = np.stack([a.positions for a in frames])
+        f["cell"] = np.stack([a.cell[:] for a in frames])
+    return path
+
+
 @pytest.fixture(scope="module")
 def crystal():
     return build_nanocrystal(md_frames(), edge_A=24.0, vacuum_A=4.0, scan_cells=1)
@@ -116,12 +126,7 @@ def test_each_configuration_is_its_own_frame():
 
 def test_stage_uses_a_different_md_frame_per_configuration(tmp_path, monkeypatch):
     frames = md_frames(n=4)
-    traj = tmp_path / "trajectory.h5"
-    with h5py.File(traj, "w") as f:
-        f["numbers"] = frames[0].numbers
-        f["time_fs"] = np.array([0.0, 10.0, 20.0, 30.0])
-        f["positions"] = np.stack([a.positions for a in frames])
-        f["cell"] = np.stack([a.cell[:] for a in frames])
+    traj = write_trajectory(tmp_path / "trajectory.h5", frames)
     seen = {}
 
     def fake(nc_frames, **kwargs):
@@ -131,7 +136,7 @@ def test_stage_uses_a_different_md_frame_per_configuration(tmp_path, monkeypatch
 
     monkeypatch.setattr("octastem.stem.simulate_4dstem", fake)
     out = tmp_path / "nc.h5"
-    stages.simulate_nanocrystal(
+    stage = dict(
         trajectory=traj,
         output=out,
         structure_output=tmp_path / "nc.extxyz",
@@ -140,23 +145,14 @@ def test_stage_uses_a_different_md_frame_per_configuration(tmp_path, monkeypatch
         edge_A=24.0,
         vacuum_A=4.0,
         scan_cells=1,
-        tiles="same",
     )
+    stages.simulate_nanocrystal(**stage, tiles="same")
     assert [a.info["time_fs"] for a in seen["frames"]] == [10.0, 30.0]
     assert not np.allclose(seen["frames"][0].positions, seen["frames"][1].positions)
     assert seen["kwargs"]["specimen"] == "finite" and seen["kwargs"]["scan_periods"] == 1
     assert read_4dstem(out).extra["times_fs"] == [10.0, 30.0]
     # distinct tiles (the default): every frame of the window is used, each configuration mixes them
-    stages.simulate_nanocrystal(
-        trajectory=traj,
-        output=out,
-        structure_output=tmp_path / "nc.extxyz",
-        start_fs=10.0,
-        frames=2,
-        edge_A=24.0,
-        vacuum_A=4.0,
-        scan_cells=1,
-    )
+    stages.simulate_nanocrystal(**stage)
     extra = read_4dstem(out).extra
     assert extra["times_fs"] == [10.0, 20.0, 30.0] and extra["nanocrystal_tiles"] == "distinct"
     assert extra["n_snapshots"] == 3 and len(seen["frames"]) == 2
@@ -327,12 +323,7 @@ def test_simulated_twin_of_a_measured_dataset_takes_its_chain(tmp_path, monkeypa
     scan step, detector sampling and extent), scans the whole MD cells nearest the measured extent, draws
     Poisson noise at the measured dose, and leaves no temporary file behind."""
     frames = md_frames(n=3)
-    traj = tmp_path / "trajectory.h5"
-    with h5py.File(traj, "w") as f:
-        f["numbers"] = frames[0].numbers
-        f["time_fs"] = np.array([0.0, 10.0, 20.0])
-        f["positions"] = np.stack([a.positions for a in frames])
-        f["cell"] = np.stack([a.cell[:] for a in frames])
+    traj = write_trajectory(tmp_path / "trajectory.h5", frames)
     measured = tmp_path / "measured.h5"
     counts = np.ones((30, 31, 40, 44), np.float32)
     write = io.Stem4D(counts, 200e3, 21.0, 0.41, 1.1, 48.0, source="measured", scan_step_x_A=0.41, scan_step_y_A=0.39)

@@ -61,6 +61,25 @@ def _headline(br: dict, source: str, headline: str) -> tuple[float, float, str]:
     return float(br["median_ellipticity"]), float(br["se"]), "measured"
 
 
+def _value_fields(br: dict, source: str, headline: str) -> dict:
+    """The value columns of a Table 1 row from a fit summary's Br entry: the headline median and SE
+    (:func:`_headline`), the median as measured, its noise bias, the round-column baseline, the SE
+    method and the number of columns."""
+    value, se, kind = _headline(br, source, headline)
+    return {
+        "median_ellipticity": value,
+        "se_median": se,
+        "value": kind,
+        "measured_median_ellipticity": br["median_ellipticity"],
+        "measured_se": br["se"],
+        "noise_bias": br.get("noise_bias", np.nan),
+        "noise_bias_se": br.get("noise_bias_se", np.nan),
+        "noise_only_baseline": br.get("baseline_median_ellipticity", np.nan),
+        "se_method": br.get("se_method", ""),
+        "n_columns": br["n"],
+    }
+
+
 def build_table1(
     columns: list[dict], fit_paths: list, samples: dict, method: str, headline: str = "corrected"
 ) -> pd.DataFrame:
@@ -71,19 +90,9 @@ def build_table1(
     for col, path in zip(columns, fit_paths):
         br = _br(_load_summary(path), path)
         source = "4D-STEM" if "sample" in col else "MD"
-        value, se, kind = _headline(br, source, headline)
         row = {
             "label": col["label"],
-            "median_ellipticity": value,
-            "se_median": se,
-            "value": kind,
-            "measured_median_ellipticity": br["median_ellipticity"],
-            "measured_se": br["se"],
-            "noise_bias": br.get("noise_bias", np.nan),
-            "noise_bias_se": br.get("noise_bias_se", np.nan),
-            "noise_only_baseline": br.get("baseline_median_ellipticity", np.nan),
-            "se_method": br.get("se_method", ""),
-            "n_columns": br["n"],
+            **_value_fields(br, source, headline),
             "per_axis": "; ".join(
                 f"{axis}: {v['median_ellipticity']:.3f} ± {v['se']:.3f} (n = {v['n']})"
                 for axis, v in br.get("by_axis", {}).items()
@@ -129,7 +138,6 @@ def like_rows(df: pd.DataFrame, like: dict, like_fits: dict, samples: dict, meth
         br = _br(_load_summary(path), path)
         first = samples[users[0]]
         system = first["system"]
-        value, se, kind = _headline(br, "4D-STEM", headline)
         measured = "raw" in first
         origin = (
             f"MD system '{system}' simulated with the calibration, scan and dose of '{users[0]}', averaged, "
@@ -141,16 +149,7 @@ def like_rows(df: pd.DataFrame, like: dict, like_fits: dict, samples: dict, meth
         rows.append(
             {
                 "label": f"MD {system} through the chain" + ("" if measured else " (noise free)"),
-                "median_ellipticity": value,
-                "se_median": se,
-                "value": kind,
-                "measured_median_ellipticity": br["median_ellipticity"],
-                "measured_se": br["se"],
-                "noise_bias": br.get("noise_bias", np.nan),
-                "noise_bias_se": br.get("noise_bias_se", np.nan),
-                "noise_only_baseline": br.get("baseline_median_ellipticity", np.nan),
-                "se_method": br.get("se_method", ""),
-                "n_columns": br["n"],
+                **_value_fields(br, "4D-STEM", headline),
                 "per_axis": "",
                 "source": LIKE_SOURCE,
                 "dataset": dataset,
